@@ -1,0 +1,98 @@
+"""Sans-IO rules of the NBD transmission phase: which request is valid, which error it gets.
+
+Owns: request validation (done once, at the boundary; the executors may assume it) and the
+errno -> NBD error mapping. Must not: touch sockets, clocks or disks.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from .constants import CmdFlag, NbdCmd, NbdErr, TransmissionFlag
+
+# Commands whose request carries a payload of `length` bytes.
+PAYLOAD_CMDS = frozenset({NbdCmd.WRITE})
+
+_WRITE_LIKE = frozenset({NbdCmd.WRITE, NbdCmd.TRIM, NbdCmd.WRITE_ZEROES})
+
+_ERRNO_MAP = {
+    _errno.EPERM: NbdErr.EPERM,
+    _errno.EROFS: NbdErr.EPERM,
+    _errno.EACCES: NbdErr.EPERM,
+    _errno.EIO: NbdErr.EIO,
+    _errno.ENOMEM: NbdErr.ENOMEM,
+    _errno.EINVAL: NbdErr.EINVAL,
+    _errno.ENOSPC: NbdErr.ENOSPC,
+    _errno.EDQUOT: NbdErr.ENOSPC,
+    _errno.EFBIG: NbdErr.ENOSPC,
+    _errno.EOVERFLOW: NbdErr.EOVERFLOW,
+    _errno.ENOTSUP: NbdErr.ENOTSUP,
+    _errno.ESHUTDOWN: NbdErr.ESHUTDOWN,
+}
+
+
+def nbd_error(exc: BaseException) -> int:
+    """The NBD error for an exception raised while executing a request (EIO by default)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_MAP.get(exc.errno, NbdErr.EIO)
+    return NbdErr.EIO
+
+
+class RequestRules:
+    """Validation for one connection, precomputed from what was advertised/negotiated.
+
+    `check(cmd, flags, offset, length)` returns 0 or an NbdErr. A request with a bad
+    magic is not judged here: the connection ends (the stream cannot be trusted).
+    """
+
+    def __init__(self, size: int, tflags: int, structured: bool, meta: bool,
+                 max_block: int):
+        self.size = size
+        self.max_block = max_block
+        self.read_only = bool(tflags & TransmissionFlag.READ_ONLY)
+        fua = CmdFlag.FUA if tflags & TransmissionFlag.SEND_FUA else 0
+        df = CmdFlag.DF if (tflags & TransmissionFlag.SEND_DF and structured) else 0
+        fast = CmdFlag.FAST_ZERO if tflags & TransmissionFlag.SEND_FAST_ZERO else 0
+        allowed = {
+            NbdCmd.READ: fua | df,
+            NbdCmd.WRITE: fua,
+            NbdCmd.DISC: fua,
+            NbdCmd.FLUSH: fua,
+            NbdCmd.TRIM: fua,
+            NbdCmd.CACHE: fua,
+            NbdCmd.WRITE_ZEROES: fua | CmdFlag.NO_HOLE | fast,
+        }
+        advertised = {
+            NbdCmd.FLUSH: tflags & TransmissionFlag.SEND_FLUSH,
+            NbdCmd.TRIM: tflags & TransmissionFlag.SEND_TRIM,
+            NbdCmd.CACHE: tflags & TransmissionFlag.SEND_CACHE,
+            NbdCmd.WRITE_ZEROES: tflags & TransmissionFlag.SEND_WRITE_ZEROES,
+        }
+        for cmd, ok in advertised.items():
+            if not ok:
+                del allowed[cmd]
+        if meta:
+            allowed[NbdCmd.BLOCK_STATUS] = fua | CmdFlag.REQ_ONE
+        self.allowed = allowed
+
+    def check(self, cmd: int, flags: int, offset: int, length: int) -> int:
+        allowed = self.allowed.get(cmd)
+        if allowed is None:
+            if self.read_only and cmd in _WRITE_LIKE:
+                return NbdErr.EPERM
+            return NbdErr.EINVAL
+        if flags & ~allowed:
+            return NbdErr.EINVAL
+        if cmd == NbdCmd.FLUSH or cmd == NbdCmd.DISC:
+            return 0
+        if length == 0:
+            return NbdErr.EINVAL
+        if length > self.max_block and cmd in (NbdCmd.READ, NbdCmd.WRITE):
+            return NbdErr.EINVAL
+        if offset + length > self.size:
+            if cmd == NbdCmd.WRITE or cmd == NbdCmd.WRITE_ZEROES:
+                return NbdErr.EPERM if self.read_only else NbdErr.ENOSPC
+            return NbdErr.EINVAL
+        if self.read_only and cmd in _WRITE_LIKE:
+            return NbdErr.EPERM
+        return 0

@@ -1,0 +1,420 @@
+"""asyncio/uvloop shell of the NBD server: moves bytes between sockets, the protocol core
+(blockrep.nbd) and a block backend.
+
+Owns: connections, the receive buffer, reply batching, draining on shutdown.
+Must not: decide protocol questions (blockrep.nbd.handshake / transmission do) or make
+system calls on the disk (the backend does).
+
+Receive path: one `bytearray` per connection; `get_buffer` hands out its free tail, and
+`buffer_updated` parses every complete request in it. A WRITE payload that is already in the
+buffer is written from a memoryview (no copy); a large payload is received straight into a
+reusable per-connection buffer. Replies produced by one `buffer_updated` go out with one
+`writelines`. Small reads and writes run inline (page-cache I/O costs a few µs); FLUSH runs
+in a thread so the loop keeps serving, which makes replies out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from ..nbd import proto
+from ..nbd.constants import (
+    BASE_ALLOCATION_ID,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    REQUEST_SIZE,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    CmdFlag,
+    NbdCmd,
+    ReplyType,
+    StateFlag,
+)
+from ..nbd.handshake import Closed, Export, HandshakeServer, Negotiated
+from ..nbd.transmission import RequestRules, nbd_error
+
+log = logging.getLogger("blockrep.nbd")
+
+RECV_BUF = 2 * 1024 * 1024
+BIG_PAYLOAD = 256 * 1024  # writes larger than this are received into their own buffer
+MAX_BLOCK_STATUS_EXTENTS = 2048
+SPARSE_READ_MIN = 64 * 1024  # reads this large are split into data/hole chunks
+
+_unpack_req = proto.unpack_request_from
+_pack_simple = proto.pack_simple_reply
+_pack_chunk = proto.pack_structured_header
+_U64 = proto.U64.pack
+_FUA = CmdFlag.FUA
+_DONE = REPLY_FLAG_DONE
+_DATA = ReplyType.OFFSET_DATA
+_HOLE = ReplyType.OFFSET_HOLE
+
+
+class NbdServer:
+    """Serves one backend under one or more export names, on any number of listeners."""
+
+    def __init__(self, backend, export: Export, *, exports: dict[str, Export] | None = None):
+        self.backend = backend
+        self.export = export
+        self.exports = exports or {export.name: export}
+        self.connections: set[NbdConnection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.closing = False
+
+    async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(lambda: NbdConnection(self), host, port,
+                                       reuse_address=True, backlog=128)
+        self.servers.append(srv)
+        return srv
+
+    async def listen_unix(self, path: str) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        if os.path.exists(path):
+            os.unlink(path)
+        srv = await loop.create_unix_server(lambda: NbdConnection(self), path)
+        self.servers.append(srv)
+        return srv
+
+    async def close(self) -> None:
+        """Stop accepting, let every connection finish its in-flight requests, close."""
+        self.closing = True
+        for srv in self.servers:
+            srv.close()
+        await asyncio.gather(*(c.drain_and_close() for c in list(self.connections)),
+                             return_exceptions=True)
+        for srv in self.servers:
+            await srv.wait_closed()
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    def __init__(self, server: NbdServer):
+        self.server = server
+        self.backend = server.backend
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.hs: HandshakeServer | None = HandshakeServer(server.exports,
+                                                          server.export.name)
+        self.rules: RequestRules | None = None
+        self.structured = False
+        self.meta = False
+        self._buf = bytearray(RECV_BUF)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._out: list = []
+        # payload being received outside the ring: (cmd, flags, cookie, offset, length, err)
+        self._pending_payload = None
+        self._big = bytearray(0)
+        self._big_mv = memoryview(self._big)
+        self._got = 0
+        self._discard = False
+        self._inflight = 0  # requests executing asynchronously
+        self._idle: asyncio.Future | None = None
+        self._closing = False
+        self._paused_writing = False
+        self._dispatch = {
+            NbdCmd.READ: self._cmd_read,
+            NbdCmd.FLUSH: self._cmd_flush,
+            NbdCmd.TRIM: self._cmd_trim,
+            NbdCmd.CACHE: self._cmd_cache,
+            NbdCmd.WRITE_ZEROES: self._cmd_zero,
+            NbdCmd.BLOCK_STATUS: self._cmd_block_status,
+        }
+
+    # -- asyncio protocol --------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if self.server.closing:
+            transport.abort()
+            return
+        self.server.connections.add(self)
+        transport.write(self.hs.data_to_send())
+
+    def connection_lost(self, exc):
+        self.server.connections.discard(self)
+        self._closing = True
+        self._wake_idle()
+
+    def pause_writing(self):
+        self._paused_writing = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self._paused_writing = False
+        if not self._closing:
+            self.transport.resume_reading()
+
+    def get_buffer(self, sizehint):
+        if self._pending_payload is not None:
+            if self._discard:
+                return self._mv[:min(RECV_BUF, self._pending_payload[4] - self._got)]
+            return self._big_mv[self._got:self._pending_payload[4]]
+        if self._end == RECV_BUF:
+            self._compact()
+        return self._mv[self._end:]
+
+    def buffer_updated(self, nbytes):
+        if self._pending_payload is not None:
+            self._got += nbytes
+            if self._got < self._pending_payload[4]:
+                return
+            cmd, flags, cookie, offset, length, err = self._pending_payload
+            self._pending_payload = None
+            if self._discard:
+                self._discard = False
+                self._reply_err(cookie, err)
+            else:
+                self._write(flags, cookie, offset, self._big_mv[:length])
+            self._flush_out()
+            return
+        self._end += nbytes
+        if self.hs is not None:
+            self._handshake()
+        else:
+            self._process()
+
+    def eof_received(self):
+        return False  # close our side too
+
+    # -- handshake ---------------------------------------------------------------------------
+    def _handshake(self):
+        hs = self.hs
+        data = bytes(self._mv[self._start:self._end])
+        self._start = self._end = 0
+        for ev in hs.receive_data(data):
+            out = hs.data_to_send()
+            if out:
+                self.transport.write(out)
+            if isinstance(ev, Closed):
+                if ev.error:
+                    log.warning("%s: handshake: %s", self.peer, ev.reason)
+                self.hs = None
+                self._closing = True
+                self.transport.close()
+                return
+            if isinstance(ev, Negotiated):
+                self._start_transmission(ev)
+                return
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def _start_transmission(self, ev: Negotiated):
+        hs = self.hs
+        self.hs = None
+        self.structured = ev.structured
+        self.meta = BASE_ALLOCATION_ID in ev.meta_contexts
+        self.rules = RequestRules(ev.export.size, ev.flags, ev.structured, self.meta,
+                                  ev.export.max_block)
+        left = hs.leftover
+        if left:
+            self._mv[:len(left)] = left
+            self._end = len(left)
+            self._process()
+
+    # -- transmission ------------------------------------------------------------------------
+    def _compact(self):
+        n = self._end - self._start
+        if self._start:
+            self._mv[:n] = self._mv[self._start:self._end]
+        self._start = 0
+        self._end = n
+
+    def _process(self):
+        buf = self._buf
+        mv = self._mv
+        pos = self._start
+        end = self._end
+        check = self.rules.check
+        dispatch = self._dispatch
+        while end - pos >= REQUEST_SIZE and not self._closing:
+            magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
+            if magic != REQUEST_MAGIC:
+                log.warning("%s: bad request magic %#x; disconnecting", self.peer, magic)
+                self._start = self._end = 0
+                self._flush_out()
+                self._closing = True
+                self.transport.close()
+                return
+            if cmd == 1:  # NbdCmd.WRITE: a payload follows
+                err = check(cmd, flags, offset, length)
+                have = end - pos - REQUEST_SIZE
+                if have >= length:
+                    p0 = pos + REQUEST_SIZE
+                    pos = p0 + length
+                    if err:
+                        self._reply_err(cookie, err)
+                    else:
+                        self._write(flags, cookie, offset, mv[p0:pos])
+                    continue
+                if length > BIG_PAYLOAD or err:
+                    # receive the rest outside the ring (or drain it, for a refused write)
+                    self._pending_payload = (cmd, flags, cookie, offset, length, err)
+                    self._discard = bool(err)
+                    if not err and len(self._big) < length:
+                        self._big = bytearray(length)
+                        self._big_mv = memoryview(self._big)
+                    if not err:
+                        self._big_mv[:have] = mv[pos + REQUEST_SIZE:end]
+                    self._got = have
+                    pos = end
+                    break
+                if pos + REQUEST_SIZE + length > RECV_BUF:
+                    self._start = pos
+                    self._compact()
+                    pos, end = self._start, self._end
+                break  # wait for the rest of the payload
+            pos += REQUEST_SIZE
+            if cmd == 2:  # NbdCmd.DISC
+                self._start = self._end = 0
+                self._flush_out()
+                asyncio.ensure_future(self.drain_and_close())
+                return
+            err = check(cmd, flags, offset, length)
+            if err:
+                self._reply_err(cookie, err, cmd)
+                continue
+            try:
+                dispatch[cmd](flags, cookie, offset, length)
+            except Exception as exc:  # the backend failed: this request fails, not the server
+                if not isinstance(exc, OSError):
+                    log.exception("%s: %s failed", self.peer, NbdCmd(cmd).name)
+                self._reply_err(cookie, nbd_error(exc), cmd, str(exc))
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
+        self._flush_out()
+
+    def _flush_out(self):
+        out = self._out
+        if out:
+            if not self.transport.is_closing():
+                self.transport.writelines(out)
+            out.clear()
+
+    def _reply_err(self, cookie: int, err: int, cmd: int = -1, msg: str = ""):
+        if self.structured and cmd in (NbdCmd.READ, NbdCmd.BLOCK_STATUS):
+            payload = proto.encode_error_payload(err, msg)
+            self._out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.ERROR,
+                                         cookie, len(payload)))
+            self._out.append(payload)
+        else:
+            self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    # -- commands ----------------------------------------------------------------------------
+    def _write(self, flags, cookie, offset, data):
+        try:
+            self.backend.write(offset, data, bool(flags & _FUA))
+            err = 0
+        except OSError as exc:
+            err = nbd_error(exc)
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def _cmd_read(self, flags, cookie, offset, length):
+        backend = self.backend
+        out = self._out
+        if not self.structured:
+            data = backend.read(offset, length)
+            out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+            out.append(data)
+            return
+        if length >= SPARSE_READ_MIN or not backend.starts_with_data(offset):
+            extents = backend.extents(offset, length)
+            if len(extents) != 1 or not extents[0][2]:
+                if flags & CmdFlag.DF or len(extents) == 1:
+                    extents = None  # one data chunk
+            else:  # one hole
+                out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _HOLE, cookie, 12))
+                out.append(proto.encode_offset_hole_payload(offset, length))
+                return
+            if extents is not None:
+                self._read_sparse(cookie, offset, length, extents)
+                return
+        data = backend.read(offset, length)
+        out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, length + 8))
+        out.append(_U64(offset))
+        out.append(data)
+
+    def _read_sparse(self, cookie, offset, length, extents):
+        out = self._out
+        covered = sum(e[1] for e in extents)
+        if covered < length:  # extent list was cut short: the rest goes as data
+            extents = extents + [(offset + covered, length - covered, False)]
+        last = len(extents) - 1
+        for i, (off, n, hole) in enumerate(extents):
+            fl = _DONE if i == last else 0
+            if hole:
+                out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _HOLE, cookie, 12))
+                out.append(proto.encode_offset_hole_payload(off, n))
+            else:
+                out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _DATA, cookie, n + 8))
+                out.append(_U64(off))
+                out.append(self.backend.read(off, n))
+
+    def _cmd_flush(self, flags, cookie, offset, length):
+        self._run_async(cookie, NbdCmd.FLUSH, self.backend.flush)
+
+    def _cmd_trim(self, flags, cookie, offset, length):
+        self.backend.trim(offset, length, bool(flags & _FUA))
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _cmd_zero(self, flags, cookie, offset, length):
+        self.backend.zero(offset, length, may_trim=not flags & CmdFlag.NO_HOLE,
+                          fast=bool(flags & CmdFlag.FAST_ZERO), fua=bool(flags & _FUA))
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _cmd_cache(self, flags, cookie, offset, length):
+        self.backend.cache(offset, length)
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _cmd_block_status(self, flags, cookie, offset, length):
+        limit = 1 if flags & CmdFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+        extents = self.backend.extents(offset, length, limit)
+        descs = [(n, (StateFlag.HOLE | StateFlag.ZERO) if hole else 0)
+                 for _, n, hole in extents]
+        payload = proto.encode_block_status_payload(BASE_ALLOCATION_ID, descs)
+        self._out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.BLOCK_STATUS,
+                                     cookie, len(payload)))
+        self._out.append(payload)
+
+    # -- asynchronous completion -------------------------------------------------------------
+    def _run_async(self, cookie, cmd, fn, *args):
+        self._inflight += 1
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        fut.add_done_callback(lambda f: self._async_done(f, cookie, cmd))
+
+    def _async_done(self, fut, cookie, cmd):
+        self._inflight -= 1
+        exc = fut.exception()
+        err = nbd_error(exc) if exc is not None else 0
+        if self.transport is not None and not self.transport.is_closing():
+            self._reply_err(cookie, err, cmd, str(exc) if exc else "")
+            self._flush_out()
+        self._wake_idle()
+
+    def _wake_idle(self):
+        if self._idle is not None and not self._idle.done() and (
+                self._inflight == 0 or self.transport.is_closing()):
+            self._idle.set_result(None)
+
+    async def drain_and_close(self):
+        """Stop reading, finish what is in flight, send the replies, close."""
+        self._closing = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.pause_reading()
+        if self._inflight:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+        self._flush_out()
+        self.transport.close()
