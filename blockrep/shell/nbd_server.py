@@ -19,6 +19,9 @@ import asyncio
 import logging
 import os
 import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from ..nbd import proto
 from ..nbd.constants import (
@@ -39,7 +42,7 @@ from ..nbd.transmission import RequestRules, nbd_error
 log = logging.getLogger("blockrep.nbd")
 
 RECV_BUF = 2 * 1024 * 1024
-BIG_PAYLOAD = 256 * 1024  # writes larger than this are received into their own buffer
+BIG_IO = 256 * 1024  # reads/writes this large run in the I/O threads
 MAX_BLOCK_STATUS_EXTENTS = 2048
 SPARSE_READ_MIN = 64 * 1024  # reads this large are split into data/hole chunks
 
@@ -53,6 +56,25 @@ _DATA = ReplyType.OFFSET_DATA
 _HOLE = ReplyType.OFFSET_HOLE
 
 
+class BufferPool:
+    """Reusable read buffers. A buffer handed to the transport is in use while any view of
+    it is alive (uvloop may keep the view, or a slice of it, queued until sent); every view
+    holds a reference to the bytearray, so a refcount check tells when it is free again."""
+
+    def __init__(self):
+        self._entries: list[bytearray] = []
+
+    def get(self, n: int) -> memoryview:
+        getrefcount = sys.getrefcount
+        for ba in self._entries:
+            # references: the list, the loop variable, getrefcount's argument
+            if len(ba) >= n and getrefcount(ba) == 3:
+                return memoryview(ba)[:n]
+        ba = bytearray(max(n, 1 << 20))
+        self._entries.append(ba)
+        return memoryview(ba)[:n]
+
+
 class NbdServer:
     """Serves one backend under one or more export names, on any number of listeners."""
 
@@ -63,6 +85,7 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
@@ -88,6 +111,7 @@ class NbdServer:
                              return_exceptions=True)
         for srv in self.servers:
             await srv.wait_closed()
+        self.executor.shutdown(wait=True)
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -106,12 +130,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._start = 0
         self._end = 0
         self._out: list = []
+        self._pool = BufferPool()
+        self._loop = asyncio.get_event_loop()
+        self._executor = server.executor
         # payload being received outside the ring: (cmd, flags, cookie, offset, length, err)
-        self._pending_payload = None
-        self._big = bytearray(0)
-        self._big_mv = memoryview(self._big)
+        self._pending_payload = None  # (flags, cookie, offset, length, err)
+        self._payload_view: memoryview | None = None  # None: drain a refused payload
         self._got = 0
-        self._discard = False
         self._inflight = 0  # requests executing asynchronously
         self._idle: asyncio.Future | None = None
         self._closing = False
@@ -155,9 +180,9 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint):
         if self._pending_payload is not None:
-            if self._discard:
-                return self._mv[:min(RECV_BUF, self._pending_payload[4] - self._got)]
-            return self._big_mv[self._got:self._pending_payload[4]]
+            if self._payload_view is None:
+                return self._mv[:min(RECV_BUF, self._pending_payload[3] - self._got)]
+            return self._payload_view[self._got:]
         if self._end == RECV_BUF:
             self._compact()
         return self._mv[self._end:]
@@ -165,16 +190,17 @@ class NbdConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes):
         if self._pending_payload is not None:
             self._got += nbytes
-            if self._got < self._pending_payload[4]:
+            if self._got < self._pending_payload[3]:
                 return
-            cmd, flags, cookie, offset, length, err = self._pending_payload
+            flags, cookie, offset, length, err = self._pending_payload
+            view, self._payload_view = self._payload_view, None
             self._pending_payload = None
-            if self._discard:
-                self._discard = False
+            if view is None:
                 self._reply_err(cookie, err)
+                self._flush_out()
             else:
-                self._write(flags, cookie, offset, self._big_mv[:length])
-            self._flush_out()
+                self._run_async(cookie, NbdCmd.WRITE, self.backend.write, offset, view,
+                                bool(flags & _FUA))
             return
         self._end += nbytes
         if self.hs is not None:
@@ -256,15 +282,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                     else:
                         self._write(flags, cookie, offset, mv[p0:pos])
                     continue
-                if length > BIG_PAYLOAD or err:
+                if length >= BIG_IO or err:
                     # receive the rest outside the ring (or drain it, for a refused write)
-                    self._pending_payload = (cmd, flags, cookie, offset, length, err)
-                    self._discard = bool(err)
-                    if not err and len(self._big) < length:
-                        self._big = bytearray(length)
-                        self._big_mv = memoryview(self._big)
+                    self._pending_payload = (flags, cookie, offset, length, err)
                     if not err:
-                        self._big_mv[:have] = mv[pos + REQUEST_SIZE:end]
+                        view = self._payload_view = self._pool.get(length)
+                        view[:have] = mv[pos + REQUEST_SIZE:end]
                     self._got = have
                     pos = end
                     break
@@ -323,8 +346,12 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _cmd_read(self, flags, cookie, offset, length):
         backend = self.backend
         out = self._out
+        if length >= BIG_IO and (not self.structured or flags & CmdFlag.DF
+                                 or backend.is_all_data(offset, length)):
+            self._read_async(cookie, offset, length)
+            return
         if not self.structured:
-            data = backend.read(offset, length)
+            data = self._read_data(offset, length)
             out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
             out.append(data)
             return
@@ -340,10 +367,26 @@ class NbdConnection(asyncio.BufferedProtocol):
             if extents is not None:
                 self._read_sparse(cookie, offset, length, extents)
                 return
-        data = backend.read(offset, length)
         out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, length + 8))
         out.append(_U64(offset))
-        out.append(data)
+        out.append(self._read_data(offset, length))
+
+    def _read_data(self, offset, length):
+        if length < SPARSE_READ_MIN:
+            return self.backend.read(offset, length)
+        view = self._pool.get(length)
+        self.backend.readinto(offset, view)
+        return view
+
+    def _read_async(self, cookie, offset, length):
+        """A large read runs in a thread so the loop keeps sending earlier replies."""
+        view = self._pool.get(length)
+        if self.structured:
+            reply = [_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, length + 8),
+                     _U64(offset), view]
+        else:
+            reply = [_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie), view]
+        self._run_async(cookie, NbdCmd.READ, self.backend.readinto, offset, view, reply=reply)
 
     def _read_sparse(self, cookie, offset, length, extents):
         out = self._out
@@ -359,7 +402,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             else:
                 out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _DATA, cookie, n + 8))
                 out.append(_U64(off))
-                out.append(self.backend.read(off, n))
+                out.append(self._read_data(off, n))
 
     def _cmd_flush(self, flags, cookie, offset, length):
         self._run_async(cookie, NbdCmd.FLUSH, self.backend.flush)
@@ -388,17 +431,21 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._out.append(payload)
 
     # -- asynchronous completion -------------------------------------------------------------
-    def _run_async(self, cookie, cmd, fn, *args):
+    def _run_async(self, cookie, cmd, fn, *args, reply=None):
+        """Run fn(*args) in the I/O threads; then send `reply` (or a simple OK/error)."""
         self._inflight += 1
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        fut.add_done_callback(lambda f: self._async_done(f, cookie, cmd))
+        fut = self._loop.run_in_executor(self._executor, fn, *args)
+        fut.add_done_callback(partial(self._async_done, cookie, cmd, reply))
 
-    def _async_done(self, fut, cookie, cmd):
+    def _async_done(self, cookie, cmd, reply, fut):
         self._inflight -= 1
         exc = fut.exception()
-        err = nbd_error(exc) if exc is not None else 0
-        if self.transport is not None and not self.transport.is_closing():
-            self._reply_err(cookie, err, cmd, str(exc) if exc else "")
+        if not self.transport.is_closing():
+            if exc is None and reply is not None:
+                self._out.extend(reply)
+            else:
+                self._reply_err(cookie, nbd_error(exc) if exc else 0, cmd,
+                                str(exc) if exc else "")
             self._flush_out()
         self._wake_idle()
 
