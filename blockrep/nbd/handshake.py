@@ -64,8 +64,10 @@ class HsState(enum.Enum):
 
 
 class HandshakeServer:
-    def __init__(self, exports: dict[str, Export], default_export: str | None = None):
+    def __init__(self, exports: dict[str, Export], default_export: str | None = None,
+                 refusal: str | None = None):
         self.exports = exports
+        self.refusal = refusal  # when set, no export is served (e.g. a Secondary node)
         self.default_export = default_export if default_export is not None else next(
             iter(exports), "")
         self.state = HsState.CLIENT_FLAGS
@@ -184,8 +186,8 @@ class HandshakeServer:
         except UnicodeDecodeError:
             raise NbdProtocolError("export name is not valid UTF-8") from None
         export = self._lookup(name)
-        if export is None:
-            self._close(f"unknown export {name!r}")
+        if export is None or self.refusal:
+            self._close(self.refusal or f"unknown export {name!r}")
             return
         self._out.append(proto.encode_export_name_reply(export.size, self.flags_for(export),
                                                         self.no_zeroes))
@@ -219,6 +221,9 @@ class HandshakeServer:
         export = self._lookup(name)
         if export is None:
             self._error(option, NbdRep.ERR_UNKNOWN, f"unknown export {name!r}")
+            return
+        if self.refusal:
+            self._error(option, NbdRep.ERR_POLICY, self.refusal)
             return
         self._reply(option, NbdRep.INFO, proto.encode_info_export(export.size, self.flags_for(export)))
         if NbdInfo.NAME in infos:

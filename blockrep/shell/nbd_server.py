@@ -24,6 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from ..nbd import proto
+from .buffers import BufferPool
+
+WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 from ..nbd.constants import (
     BASE_ALLOCATION_ID,
     REPLY_FLAG_DONE,
@@ -56,30 +59,16 @@ _DATA = ReplyType.OFFSET_DATA
 _HOLE = ReplyType.OFFSET_HOLE
 
 
-class BufferPool:
-    """Reusable read buffers. A buffer handed to the transport is in use while any view of
-    it is alive (uvloop may keep the view, or a slice of it, queued until sent); every view
-    holds a reference to the bytearray, so a refcount check tells when it is free again."""
-
-    def __init__(self):
-        self._entries: list[bytearray] = []
-
-    def get(self, n: int) -> memoryview:
-        getrefcount = sys.getrefcount
-        for ba in self._entries:
-            # references: the list, the loop variable, getrefcount's argument
-            if len(ba) >= n and getrefcount(ba) == 3:
-                return memoryview(ba)[:n]
-        ba = bytearray(max(n, 1 << 20))
-        self._entries.append(ba)
-        return memoryview(ba)[:n]
-
-
 class NbdServer:
     """Serves one backend under one or more export names, on any number of listeners."""
 
-    def __init__(self, backend, export: Export, *, exports: dict[str, Export] | None = None):
+    def __init__(self, backend, export: Export, *, exports: dict[str, Export] | None = None,
+                 submit=None):
+        """`backend` serves reads (a Disk). Writes go to it directly, or, when `submit` is
+        given (replication), to submit(kind, offset, length, data, flags, callback(err))."""
         self.backend = backend
+        self.submit = submit
+        self.refusal: str | None = None  # when set, the handshake refuses every export
         self.export = export
         self.exports = exports or {export.name: export}
         self.connections: set[NbdConnection] = set()
@@ -121,7 +110,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.hs: HandshakeServer | None = HandshakeServer(server.exports,
-                                                          server.export.name)
+                                                          server.export.name,
+                                                          refusal=server.refusal)
+        self._submit = server.submit
+        self._complete_scheduled = False
         self.rules: RequestRules | None = None
         self.structured = False
         self.meta = False
@@ -198,6 +190,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             if view is None:
                 self._reply_err(cookie, err)
                 self._flush_out()
+            elif self._submit is not None:
+                self._submit_req(WRITE, flags, cookie, offset, length, view)
             else:
                 self._run_async(cookie, NbdCmd.WRITE, self.backend.write, offset, view,
                                 bool(flags & _FUA))
@@ -279,6 +273,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                     pos = p0 + length
                     if err:
                         self._reply_err(cookie, err)
+                    elif self._submit is not None:  # the ring is reused: copy for the link
+                        self._submit_req(WRITE, flags, cookie, offset, length, bytes(mv[p0:pos]))
                     else:
                         self._write(flags, cookie, offset, mv[p0:pos])
                     continue
@@ -405,13 +401,22 @@ class NbdConnection(asyncio.BufferedProtocol):
                 out.append(self._read_data(off, n))
 
     def _cmd_flush(self, flags, cookie, offset, length):
+        if self._submit is not None:
+            self._submit_req(FLUSH, flags, cookie, offset, length, None)
+            return
         self._run_async(cookie, NbdCmd.FLUSH, self.backend.flush)
 
     def _cmd_trim(self, flags, cookie, offset, length):
+        if self._submit is not None:
+            self._submit_req(TRIM, flags, cookie, offset, length, None)
+            return
         self.backend.trim(offset, length, bool(flags & _FUA))
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _cmd_zero(self, flags, cookie, offset, length):
+        if self._submit is not None:
+            self._submit_req(ZERO, flags, cookie, offset, length, None)
+            return
         self.backend.zero(offset, length, may_trim=not flags & CmdFlag.NO_HOLE,
                           fast=bool(flags & CmdFlag.FAST_ZERO), fua=bool(flags & _FUA))
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
@@ -431,6 +436,28 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._out.append(payload)
 
     # -- asynchronous completion -------------------------------------------------------------
+    def _submit_req(self, kind, flags, cookie, offset, length, data):
+        """Hand a write-type request to the replication layer; it calls back when the
+        replication protocol's promise holds (or with the error)."""
+        self._inflight += 1
+        self._submit(kind, offset, length, data, flags, partial(self._completed, cookie))
+
+    def _completed(self, cookie, err):
+        self._inflight -= 1
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+        if not self._complete_scheduled:  # coalesce replies completed in one loop step
+            self._complete_scheduled = True
+            self._loop.call_soon(self._flush_completed)
+        if self._idle is not None:
+            self._wake_idle()
+
+    def _flush_completed(self):
+        self._complete_scheduled = False
+        if not self.transport.is_closing():
+            self._flush_out()
+        else:
+            self._out.clear()
+
     def _run_async(self, cookie, cmd, fn, *args, reply=None):
         """Run fn(*args) in the I/O threads; then send `reply` (or a simple OK/error)."""
         self._inflight += 1

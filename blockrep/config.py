@@ -1,0 +1,187 @@
+"""Resource configuration: one TOML file shared by both nodes, validated up front.
+
+Owns: the schema, defaults and the one-line error messages for bad configurations.
+Must not: open disks or sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration the operator must fix; str() is one clear line."""
+
+
+RESOURCE_KEYS = {
+    "name": str, "protocol": str, "shared-secret": str, "ping-interval": (int, float),
+    "timeout": (int, float), "connect-interval": (int, float), "run-dir": str,
+    "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
+    "after-sb-0pri": str, "after-sb-1pri": str,
+}
+NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str}
+SB_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes",
+               "discard-younger-primary", "discard-secondary")
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    address: tuple[str, int]
+    disk: str
+    nbd: tuple[str, int]
+    meta_disk: str = "internal"
+    export: str = ""
+
+
+@dataclass
+class ResourceConfig:
+    path: str
+    name: str
+    shared_secret: str
+    nodes: dict[str, NodeConfig]
+    protocol: str = "C"
+    ping_interval: float = 1.0
+    timeout: float = 4.0
+    connect_interval: float = 0.5
+    barrier_interval: float = 0.2
+    run_dir: str = "/tmp/blockrep"
+    resync_rate: int = 0  # bytes/s, 0 = unlimited (adaptive controller still applies)
+    resync_window: int = 8
+    after_sb_0pri: str = "disconnect"
+    after_sb_1pri: str = "disconnect"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def node(self, name: str | None) -> NodeConfig:
+        if name is None:
+            name = socket.gethostname()
+        if name not in self.nodes:
+            raise ConfigError(f"{self.path}: no [node.{name}] section "
+                              f"(nodes: {', '.join(sorted(self.nodes))}); use --node")
+        return self.nodes[name]
+
+    def peer_of(self, name: str) -> NodeConfig:
+        return next(n for n in self.nodes.values() if n.name != name)
+
+    def admin_socket(self, node: str) -> str:
+        return os.path.join(self.run_dir, f"{self.name}.{node}.sock")
+
+
+def parse_address(text, what: str) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected \"HOST:PORT\", got {text!r}")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: bad address {text!r} (expected HOST:PORT)")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{what}: bad address {text!r}: port is not a number") from None
+    if not 0 < p < 65536:
+        raise ConfigError(f"{what}: bad address {text!r}: port out of range")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost" and not all(c.isalnum() or c in "-." for c in host):
+            raise ConfigError(f"{what}: bad address {text!r}: bad host") from None
+    return host, p
+
+
+def _check_keys(table: dict, allowed: dict, where: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        typ = allowed[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}: wrong type {type(value).__name__}")
+
+
+def load(path: str) -> ResourceConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
+    from .disk import parse_size
+
+    for key in raw:
+        if key not in ("resource", "node"):
+            raise ConfigError(f"{path}: unknown section [{key}]")
+    res = raw.get("resource")
+    if not isinstance(res, dict):
+        raise ConfigError(f"{path}: missing [resource] section")
+    _check_keys(res, RESOURCE_KEYS, f"{path}: resource")
+    for key in ("name", "shared-secret"):
+        if not res.get(key):
+            raise ConfigError(f"{path}: resource.{key} is required")
+    name = res["name"]
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"{path}: resource.name {name!r}: use letters, digits, - _ .")
+    protocol = res.get("protocol", "C")
+    if protocol != "C":
+        raise ConfigError(f"{path}: resource.protocol {protocol!r}: only protocol C is "
+                          f"implemented")
+    nodes_raw = raw.get("node")
+    if not isinstance(nodes_raw, dict) or len(nodes_raw) != 2:
+        raise ConfigError(f"{path}: exactly two [node.NAME] sections are required")
+    nodes = {}
+    for nname, table in nodes_raw.items():
+        where = f"{path}: node.{nname}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        _check_keys(table, NODE_KEYS, where)
+        for key in ("address", "disk", "nbd"):
+            if key not in table:
+                raise ConfigError(f"{where}.{key} is required")
+        nodes[nname] = NodeConfig(
+            name=nname,
+            address=parse_address(table["address"], f"{where}.address"),
+            disk=table["disk"],
+            nbd=parse_address(table["nbd"], f"{where}.nbd"),
+            meta_disk=table.get("meta-disk", "internal"),
+            export=table.get("export", ""),
+        )
+    a, b = nodes.values()
+    if a.address == b.address:
+        raise ConfigError(f"{path}: both nodes use the replication address "
+                          f"{a.address[0]}:{a.address[1]}")
+    cfg = ResourceConfig(path=path, name=name, shared_secret=res["shared-secret"],
+                         nodes=nodes, protocol=protocol, raw=raw)
+    for key, attr in (("ping-interval", "ping_interval"), ("timeout", "timeout"),
+                      ("connect-interval", "connect_interval"),
+                      ("barrier-interval", "barrier_interval")):
+        if key in res:
+            if res[key] <= 0:
+                raise ConfigError(f"{path}: resource.{key} must be positive")
+            setattr(cfg, attr, float(res[key]))
+    if cfg.timeout <= cfg.ping_interval:
+        raise ConfigError(f"{path}: resource.timeout must exceed resource.ping-interval")
+    if "run-dir" in res:
+        cfg.run_dir = res["run-dir"]
+    if "resync-rate" in res:
+        try:
+            cfg.resync_rate = parse_size(res["resync-rate"]) if res["resync-rate"] != "0" else 0
+        except ValueError as exc:
+            raise ConfigError(f"{path}: resource.resync-rate: {exc}") from None
+    if "resync-window" in res:
+        if not 1 <= res["resync-window"] <= 256:
+            raise ConfigError(f"{path}: resource.resync-window must be 1..256")
+        cfg.resync_window = res["resync-window"]
+    for key, attr in (("after-sb-0pri", "after_sb_0pri"), ("after-sb-1pri", "after_sb_1pri")):
+        if key in res:
+            if res[key] not in SB_POLICIES:
+                raise ConfigError(f"{path}: resource.{key} {res[key]!r}: one of "
+                                  f"{', '.join(SB_POLICIES)}")
+            setattr(cfg, attr, res[key])
+    return cfg

@@ -1,0 +1,132 @@
+"""blockrep's peer link: framing, packet types and authentication (sans-IO).
+
+Every packet is a fixed 36-byte header plus a payload:
+
+    magic u32 | type u16 | flags u16 | id u64 | offset u64 | size u32 | paylen u32 | crc u32
+
+big-endian. Data packets (P_DATA, P_RS_DATA) carry the block payload as is, with its CRC32C
+in `crc`; control packets carry a msgpack map. See docs/wire-protocol.md.
+Must not: touch sockets or clocks.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+
+import msgpack
+
+from .. import native
+
+MAGIC = 0x42524550  # "BREP"
+VERSION = 1
+FEATURES = 0  # feature bits, none yet
+HEADER = struct.Struct(">IHHQQIII")
+HEADER_SIZE = HEADER.size  # 36
+MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
+MAX_CONTROL = 64 * 1024 * 1024  # bitmaps of very large devices travel as control
+CHALLENGE_LEN = 32
+
+
+class P(enum.IntEnum):
+    HELLO = 1
+    AUTH = 2
+    REFUSE = 3
+    STATE = 4
+    DATA = 10
+    TRIM = 11
+    ZERO = 12
+    WRITE_ACK = 13
+    NEG_ACK = 14
+    BARRIER = 15
+    BARRIER_ACK = 16
+    RS_REQUEST = 20
+    RS_DATA = 21
+    RS_ACK = 22
+    RS_CSUM = 23
+    RS_IN_SYNC = 24
+    OV_REQUEST = 25
+    OV_REPLY = 26
+    PING = 30
+    PING_ACK = 31
+    CONTROL = 40
+
+
+# packet flags
+F_FUA = 1 << 0
+F_NO_HOLE = 1 << 1
+F_FLUSH = 1 << 2  # on BARRIER: flush the disk before acking
+F_ZERO = 1 << 3   # on RS_DATA: the block range is all zeroes, no payload
+
+CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
+DATA_TYPES = frozenset({P.DATA, P.RS_DATA})
+
+
+class LinkProtocolError(Exception):
+    """The peer sent something that breaks the link protocol."""
+
+
+def pack_header(ptype: int, flags: int = 0, pid: int = 0, offset: int = 0, size: int = 0,
+                paylen: int = 0, crc: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, ptype, flags, pid, offset, size, paylen, crc)
+
+
+def unpack_header(buf, pos: int = 0) -> tuple[int, int, int, int, int, int, int]:
+    """-> (type, flags, id, offset, size, paylen, crc); checks magic and payload length."""
+    magic, ptype, flags, pid, offset, size, paylen, crc = HEADER.unpack_from(buf, pos)
+    if magic != MAGIC:
+        raise LinkProtocolError(f"bad packet magic {magic:#x}")
+    if ptype in CONTROL_TYPES:
+        if paylen > MAX_CONTROL:
+            raise LinkProtocolError(f"control packet of {paylen} bytes is too large")
+    elif paylen > MAX_PAYLOAD:
+        raise LinkProtocolError(f"data packet of {paylen} bytes is too large")
+    return ptype, flags, pid, offset, size, paylen, crc
+
+
+def encode_control(ptype: int, body: dict) -> bytes:
+    payload = msgpack.packb(body, use_bin_type=True)
+    return pack_header(ptype, paylen=len(payload)) + payload
+
+
+def decode_control(payload) -> dict:
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise LinkProtocolError(f"undecodable control message: {exc}") from None
+    if not isinstance(body, dict):
+        raise LinkProtocolError("control message is not a map")
+    return body
+
+
+def data_header(ptype: int, pid: int, offset: int, payload, flags: int = 0) -> bytes:
+    n = len(payload)
+    return pack_header(ptype, flags, pid, offset, n, n, native.crc32c(payload))
+
+
+def check_crc(payload, crc: int) -> bool:
+    return native.crc32c(payload) == crc
+
+
+# -- authentication -----------------------------------------------------------------------------
+
+def auth_response(secret: str, challenge: bytes, responder: str, resource: str) -> bytes:
+    """HMAC-SHA256 over the peer's challenge, bound to who answers and for which resource."""
+    msg = b"blockrep-auth-v1\0" + challenge + b"\0" + responder.encode() + b"\0" + \
+        resource.encode()
+    return hmac.new(secret.encode(), msg, hashlib.sha256).digest()
+
+
+def auth_ok(secret: str, challenge: bytes, responder: str, resource: str,
+            response: bytes) -> bool:
+    return hmac.compare_digest(auth_response(secret, challenge, responder, resource),
+                               bytes(response))
+
+
+def need(body: dict, key: str, typ):
+    v = body.get(key)
+    if not isinstance(v, typ):
+        raise LinkProtocolError(f"control message lacks a valid {key!r}")
+    return v

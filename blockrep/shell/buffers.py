@@ -1,0 +1,24 @@
+"""Reusable buffers shared by the NBD and peer-link shells."""
+
+from __future__ import annotations
+
+import sys
+
+
+class BufferPool:
+    """Reusable read buffers. A buffer handed to the transport is in use while any view of
+    it is alive (uvloop may keep the view, or a slice of it, queued until sent); every view
+    holds a reference to the bytearray, so a refcount check tells when it is free again."""
+
+    def __init__(self):
+        self._entries: list[bytearray] = []
+
+    def get(self, n: int) -> memoryview:
+        getrefcount = sys.getrefcount
+        for ba in self._entries:
+            # references: the list, the loop variable, getrefcount's argument
+            if len(ba) >= n and getrefcount(ba) == 3:
+                return memoryview(ba)[:n]
+        ba = bytearray(max(n, 1 << 20))
+        self._entries.append(ba)
+        return memoryview(ba)[:n]

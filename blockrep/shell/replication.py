@@ -1,0 +1,269 @@
+"""The replicated write path (primary side) and the apply path (secondary side).
+
+Owns, on the primary: request ids, the transfer log (which writes the peer may not have on
+stable storage yet, per epoch), barriers, and completing client requests only when protocol
+C's promise holds. On the secondary: applying the stream in order, acks, barrier flushes.
+
+Ordering (invariant 2): the primary performs each local write inline, in the same loop step
+in which it queues the packet for the peer, and the secondary applies packets in stream
+order; so overlapping writes land in the same order on both disks without a lock.
+Invariant 3: on link loss every range in the transfer log is set in the bitmap before any
+pending request is completed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..nbd.constants import NbdErr
+from ..nbd.transmission import nbd_error
+from ..peer import proto
+from ..peer.proto import P
+
+log = logging.getLogger("blockrep.repl")
+
+from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD frontend
+_KIND_PACKET = {WRITE: P.DATA, TRIM: P.TRIM, ZERO: P.ZERO}
+_HDR = proto.HEADER.pack
+_MAGIC = proto.MAGIC
+_crc = proto.native.crc32c
+
+
+class Req:
+    __slots__ = ("kind", "offset", "length", "cb", "local_done", "peer_done", "err")
+
+    def __init__(self, kind, offset, length, cb):
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.cb = cb
+        self.local_done = False
+        self.peer_done = False
+        self.err = 0
+
+
+class Replicator:
+    """Primary side. The NBD frontend calls `submit`; the node feeds acks and losses."""
+
+    def __init__(self, node):
+        self.node = node
+        self.disk = node.disk
+        self.next_id = 1
+        self.pending: dict[int, Req] = {}
+        self.epoch = 1
+        self.epoch_writes = 0
+        self.tl: dict[int, list] = {}  # epoch -> flat [offset, length, ...] sent to the peer
+        self.barrier_waiters: dict[int, list[Req]] = {}
+        self.barrier_sent_at: dict[int, float] = {}
+        self.writes_replicated = 0
+        self.bytes_replicated = 0
+        self.writes_local_only = 0
+
+    # -- frontend entry ----------------------------------------------------------------------
+    def submit(self, kind, offset, length, data, flags, cb) -> None:
+        node = self.node
+        req = Req(kind, offset, length, cb)
+        if kind == FLUSH:
+            self._flush(req)
+            return
+        try:
+            if kind == WRITE:
+                self.disk.write(offset, data, bool(flags & 1))
+            elif kind == TRIM:
+                self.disk.trim(offset, length)
+            else:
+                self.disk.zero(offset, length, may_trim=not flags & 2, fast=bool(flags & 16))
+        except OSError as exc:
+            req.err = nbd_error(exc)
+            if req.err != NbdErr.ENOTSUP:
+                log.error("local %s at %d+%d failed: %s", kind, offset, length, exc)
+            cb(req.err)  # nothing was written locally, so nothing goes to the peer
+            return
+        node.note_local_write(offset, length)
+        link = node.replicating_link()
+        if link is None:
+            node.mark_out_of_sync(offset, length)
+            self.writes_local_only += 1
+            if flags & 1 and kind != WRITE:
+                node.run_io(self.disk.flush, lambda exc: cb(0 if exc is None else nbd_error(exc)))
+                return
+            cb(0)
+            return
+        pid = self.next_id
+        self.next_id = pid + 1
+        req.local_done = True
+        self.pending[pid] = req
+        tl = self.tl.get(self.epoch)
+        if tl is None:
+            tl = self.tl[self.epoch] = []
+        tl += (offset, length)
+        self.epoch_writes += 1
+        pflags = (proto.F_FUA if flags & 1 else 0) | (proto.F_NO_HOLE if flags & 2 else 0)
+        if kind == WRITE:
+            n = len(data)
+            link.send(_HDR(_MAGIC, P.DATA, pflags, pid, offset, n, n, _crc(data)), data)
+            self.bytes_replicated += n
+        else:
+            link.send(_HDR(_MAGIC, _KIND_PACKET[kind], pflags, pid, offset, length, 0, 0))
+        self.writes_replicated += 1
+        if flags & 1 and kind != WRITE:  # FUA trim/zero: local durability too
+            req.local_done = False
+            node.run_io(self.disk.flush, lambda exc: self._local_complete(req, exc))
+
+    def _local_complete(self, req: Req, exc) -> None:
+        if exc is not None:
+            req.err = nbd_error(exc)
+        req.local_done = True
+        if req.peer_done:
+            req.cb(req.err)
+
+    def _flush(self, req: Req) -> None:
+        node = self.node
+        link = node.replicating_link()
+        if link is not None:
+            epoch = self.close_epoch(link, flush=True)
+            self.barrier_waiters.setdefault(epoch, []).append(req)
+        else:
+            req.peer_done = True
+        node.run_io(self.disk.flush, lambda exc: self._local_complete(req, exc))
+
+    def close_epoch(self, link, flush: bool) -> int:
+        """Send a barrier ending the current epoch; returns that epoch's number."""
+        epoch = self.epoch
+        link.send(_HDR(_MAGIC, P.BARRIER, proto.F_FLUSH if flush else 0, epoch, 0, 0, 0, 0))
+        self.barrier_sent_at[epoch] = self.node.loop.time()
+        self.epoch = epoch + 1
+        self.epoch_writes = 0
+        return epoch
+
+    def periodic_barrier(self, link) -> None:
+        """Bound the transfer log: a flushing barrier when the epoch has writes."""
+        if self.epoch_writes and len(self.barrier_sent_at) < 4:
+            self.close_epoch(link, flush=True)
+
+    # -- peer answers ------------------------------------------------------------------------
+    def on_write_ack(self, link, flags, pid, offset, size, crc, payload):
+        req = self.pending.pop(pid, None)
+        if req is None:
+            return
+        req.peer_done = True
+        if req.local_done:
+            req.cb(req.err)
+
+    def on_neg_ack(self, link, flags, pid, offset, size, crc, payload):
+        req = self.pending.pop(pid, None)
+        if req is None:
+            return
+        log.error("peer failed to apply %s at %d+%d (errno %d); marked out of sync",
+                  req.kind, req.offset, req.length, size)
+        self.node.mark_out_of_sync(req.offset, req.length)
+        req.peer_done = True
+        if req.local_done:
+            req.cb(req.err)
+
+    def on_barrier_ack(self, link, flags, pid, offset, size, crc, payload):
+        for epoch in [e for e in self.tl if e <= pid]:
+            del self.tl[epoch]
+        for epoch in [e for e in self.barrier_sent_at if e <= pid]:
+            del self.barrier_sent_at[epoch]
+        for epoch in [e for e in self.barrier_waiters if e <= pid]:
+            for req in self.barrier_waiters.pop(epoch):
+                req.peer_done = True
+                if req.local_done:
+                    req.cb(req.err)
+
+    def link_lost(self) -> None:
+        """Everything the peer may not have durably goes into the bitmap, then the pending
+        client requests complete (their local part is done or finishing)."""
+        node = self.node
+        for ranges in self.tl.values():
+            for i in range(0, len(ranges), 2):
+                node.mark_out_of_sync(ranges[i], ranges[i + 1])
+        for req in self.pending.values():
+            node.mark_out_of_sync(req.offset, req.length)
+        self.tl.clear()
+        self.barrier_sent_at.clear()
+        self.epoch_writes = 0
+        pending = list(self.pending.values())
+        self.pending.clear()
+        waiters = [r for rs in self.barrier_waiters.values() for r in rs]
+        self.barrier_waiters.clear()
+        for req in pending + waiters:
+            req.peer_done = True
+            if req.local_done:
+                req.cb(req.err)
+
+    @property
+    def oldest_unacked_age(self) -> float:
+        if not self.barrier_sent_at:
+            return 0.0
+        return self.node.loop.time() - min(self.barrier_sent_at.values())
+
+
+class Applier:
+    """Secondary side: applies the primary's stream in order and acknowledges it."""
+
+    def __init__(self, node):
+        self.node = node
+        self.disk = node.disk
+        self.writes_applied = 0
+        self.bytes_applied = 0
+
+    def _ack(self, link, ptype, pid, offset=0, size=0):
+        link.send(_HDR(_MAGIC, ptype, 0, pid, offset, size, 0, 0))
+
+    def _check_role(self):
+        if self.node.is_primary:
+            raise proto.LinkProtocolError("received replicated data while Primary")
+
+    def on_data(self, link, flags, pid, offset, size, crc, payload):
+        self._check_role()
+        if offset + len(payload) > self.disk.size:
+            raise proto.LinkProtocolError(f"write at {offset}+{len(payload)} past the end")
+        if _crc(payload) != crc:
+            # drop the link: the primary marks everything unacknowledged out of sync
+            raise proto.LinkProtocolError(f"CRC32C mismatch in write at {offset}")
+        self._apply(link, pid, flags, offset, len(payload),
+                    lambda: self.disk.write(offset, payload))
+        self.bytes_applied += len(payload)
+
+    def on_trim(self, link, flags, pid, offset, size, crc, payload):
+        self._check_role()
+        self._apply(link, pid, flags, offset, size, lambda: self.disk.trim(offset, size))
+
+    def on_zero(self, link, flags, pid, offset, size, crc, payload):
+        self._check_role()
+        self._apply(link, pid, flags, offset, size,
+                    lambda: self.disk.zero(offset, size, may_trim=not flags & proto.F_NO_HOLE))
+
+    def _apply(self, link, pid, flags, offset, size, op):
+        if offset + size > self.disk.size:
+            raise proto.LinkProtocolError(f"request at {offset}+{size} past the end")
+        try:
+            op()
+        except OSError as exc:
+            log.error("applying write at %d+%d failed: %s", offset, size, exc)
+            self._ack(link, P.NEG_ACK, pid, offset, exc.errno or 5)
+            return
+        self.writes_applied += 1
+        self.node.note_applied(offset, size)
+        if flags & proto.F_FUA:
+            self.node.run_io(self.disk.flush, lambda exc: self._ack(
+                link, P.WRITE_ACK if exc is None else P.NEG_ACK, pid, offset, 0))
+        else:
+            self._ack(link, P.WRITE_ACK, pid)
+
+    def on_barrier(self, link, flags, pid, offset, size, crc, payload):
+        # every write of the epoch was applied inline before this packet was parsed
+        if flags & proto.F_FLUSH:
+            self.node.run_io(self.disk.flush, lambda exc: self._barrier_done(link, pid, exc))
+        else:
+            self._ack(link, P.BARRIER_ACK, pid)
+
+    def _barrier_done(self, link, epoch, exc):
+        if exc is not None:
+            log.error("flush for barrier %d failed: %s", epoch, exc)
+            link.abort(f"flush failed: {exc}")
+            return
+        self._ack(link, P.BARRIER_ACK, epoch)
+

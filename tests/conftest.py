@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import start_serve  # noqa: E402
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Factory: serve(size="64M", *extra_args) -> Served; every server is stopped after."""
+    started = []
+
+    def _start(size: str = "64M", *extra: str, disk: str | None = None, export: str = ""):
+        path = disk or str(tmp_path / f"disk{len(started)}.img")
+        srv = start_serve(path, str(tmp_path), *extra, size=None if disk else size,
+                          export=export)
+        started.append(srv)
+        return srv
+
+    yield _start
+    for srv in started:
+        srv.stop()
