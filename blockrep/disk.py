@@ -46,8 +46,8 @@ def parse_size(text: str) -> int:
         mult = units[t[-1]]
         t = t[:-1]
     try:
-        value = int(float(t) * mult)
-    except ValueError:
+        value = int(t) * mult if t.isdigit() else int(float(t) * mult)
+    except (ValueError, OverflowError):
         raise ValueError(f"not a size: {text!r}") from None
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")

@@ -221,9 +221,11 @@ static io_item *parse_items(PyObject *seq_in, Py_ssize_t *count, int writable) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *it = PySequence_Tuple(PySequence_Fast_GET_ITEM(seq, i));
         PyObject *bufobj;
-        if (!PyArg_ParseTuple(it, "LO", &items[i].offset, &bufobj) ||
+        int ok = it != NULL && PyArg_ParseTuple(it, "LO", &items[i].offset, &bufobj);
+        Py_XDECREF(it); /* bufobj stays alive: the list item still references it */
+        if (!ok ||
             PyObject_GetBuffer(bufobj, &items[i].buf,
                                writable ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS
                                         : PyBUF_C_CONTIGUOUS) < 0) {

@@ -310,9 +310,6 @@ def test_negative_offset(impls, tmpfd):
     assert os.fstat(tmpfd).st_size == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: native preadv/pwritev raise SystemError for "
-                   "[offset, buffer] lists (PyArg_ParseTuple on a non-tuple); the fallback "
-                   "accepts any pair")
 def test_native_accepts_list_pairs_like_fallback(tmpfd):
     assert py_pwritev(tmpfd, [[0, b"ab"]]) == 2
     assert _native.pwritev(tmpfd, [[0, b"cd"]]) == 2

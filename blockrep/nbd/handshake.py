@@ -125,7 +125,7 @@ class HandshakeServer:
             except Truncated:
                 return False
             del self._in[:n]
-            if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+            if flags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
                 raise NbdProtocolError(f"unknown client flags {flags:#x}")
             self.fixed = bool(flags & ClientFlag.FIXED_NEWSTYLE)
             self.no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
@@ -149,10 +149,8 @@ class HandshakeServer:
             (option, length), n = proto.decode_option_header(self._in)
         except Truncated:
             return False
-        self._options_seen += 1
-        if self._options_seen > MAX_OPTIONS:
-            raise NbdProtocolError("too many options")
         if length > MAX_OPTION_LEN:
+            self._count_option()
             del self._in[:n]
             self.state = HsState.DISCARD
             self._discard_left = length
@@ -160,6 +158,7 @@ class HandshakeServer:
             return True
         if len(self._in) < n + length:
             return False
+        self._count_option()
         payload = bytes(self._in[n:n + length])
         del self._in[:n + length]
         handler = _OPTION_HANDLERS.get(option)
@@ -174,7 +173,12 @@ class HandshakeServer:
         """Transmission flags as sent: SEND_DF only with structured replies (spec)."""
         if self.structured:
             return export.flags
-        return export.flags & ~TransmissionFlag.SEND_DF
+        return int(export.flags) & ~int(TransmissionFlag.SEND_DF)
+
+    def _count_option(self) -> None:
+        self._options_seen += 1
+        if self._options_seen > MAX_OPTIONS:
+            raise NbdProtocolError("too many options")
 
     def _lookup(self, name: str) -> Export | None:
         return self.exports.get(name if name else self.default_export)

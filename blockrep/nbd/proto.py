@@ -160,8 +160,6 @@ def decode_meta_request(buf) -> tuple[tuple[str, list[str]], int]:
     _need(buf, pos + 4)
     count = _U32.unpack_from(buf, pos)[0]
     pos += 4
-    if count > len(buf):  # each query takes at least 4 bytes; cheap sanity bound
-        raise NbdProtocolError("meta context query count exceeds the payload")
     queries = []
     for _ in range(count):
         q, pos = _decode_name(buf, pos)
@@ -285,7 +283,7 @@ def decode_structured_header(buf) -> tuple[tuple[int, int, int, int], int]:
 
 
 def encode_error_payload(error: int, message: str = "") -> bytes:
-    raw = message.encode()[:4096]
+    raw = message.encode()[:4096].decode("utf-8", "ignore").encode()  # whole characters
     return struct.pack(">IH", error, len(raw)) + raw
 
 

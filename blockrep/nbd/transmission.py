@@ -73,7 +73,7 @@ class RequestRules:
                 del allowed[cmd]
         if meta:
             allowed[NbdCmd.BLOCK_STATUS] = fua | CmdFlag.REQ_ONE
-        self.allowed = allowed
+        self.allowed = {cmd: int(v) for cmd, v in allowed.items()}  # plain ints: ~ is exact
 
     def check(self, cmd: int, flags: int, offset: int, length: int) -> int:
         allowed = self.allowed.get(cmd)

@@ -325,8 +325,14 @@ class Node:
             return
         if s == Strategy.NO_SYNC:
             self.repl = ReplState.ESTABLISHED
-            if peer_disk == DiskState.UP_TO_DATE and self.gen.current == peer_gen.current:
+            same = self.gen.current == peer_gen.current
+            if same and DiskState.INCONSISTENT not in (self.disk_state, peer_disk):
+                # nobody wrote without the other (that would have made a new current
+                # identifier): the two disks hold the same, newest data
                 self.set_disk(DiskState.UP_TO_DATE)
+                peer_disk = self.peer_disk = DiskState.UP_TO_DATE
+            if d.rule == "initial-sync-skipped":
+                self.gen.sync_finished_as_source()
             if d.rule == "initial-sync-skipped-by-peer":
                 self.gen.adopt(peer_gen)
                 self.bitmap.clear_all()
@@ -403,9 +409,9 @@ class Node:
         return st.Decision(Strategy.TARGET if lose == "me" else Strategy.SOURCE, rule)
 
     def _csum_mode(self, d: st.Decision) -> bool:
-        """Checksum-based resync after a primary crash (the AL bits may mostly be equal)."""
-        return "was-primary" in d.rule or "bits-set" in d.rule or \
-            bool(self.store and self.store.crashed_primary)
+        """Checksum-based resync after a primary crash: the activity-log extents are
+        mostly equal on both sides, so only blocks whose CRC32C differs travel."""
+        return d.rule.startswith("current-equal")
 
     def _refuse_connection(self, link: PeerLink, msg: str, *, standalone: bool,
                            tell_peer: bool = True) -> None:
@@ -436,6 +442,8 @@ class Node:
         self.replicator.link_lost()
         if self.is_primary and was != ReplState.OFF:
             self.gen.start_new_data()
+        if self.store is not None:
+            self.store.flush_bitmap()  # bits set for unacknowledged writes must survive
         self.persist()
         log.warning("lost peer %s: %s (out of sync: %d bytes)", self.peer_cfg.name, reason,
                     self.bitmap.count_bytes())
@@ -558,8 +566,14 @@ class Node:
             self.store.bitmap_changed()
 
     def note_local_write(self, offset: int, length: int) -> None:
+        """Before a local write as Primary: the activity log must cover its extents."""
         if self.store is not None:
-            self.store.activity(offset, length)
+            r = self.replicator
+            if r.tl:
+                oldest = min(r.tl)
+            else:
+                oldest = r.epoch if self.replicating_link() is not None else 1 << 62
+            self.store.activity(offset, length, r.epoch, oldest)
 
     def note_applied(self, offset: int, length: int) -> None:
         if self.verify is not None:
@@ -619,8 +633,8 @@ class Node:
             self.gen.start_new_data()  # writes from now on are new data the peer lacks
         self.role = Role.PRIMARY
         self.was_primary_flag = True
+        self.persist()  # the "primary" flag is on disk before any write is served
         self.nbd.refusal = None
-        self.persist()
         self.emit("role", role=self.role.value)
         log.info("role: Secondary -> Primary")
         if renegotiate:

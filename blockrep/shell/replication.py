@@ -66,6 +66,7 @@ class Replicator:
         if kind == FLUSH:
             self._flush(req)
             return
+        node.note_local_write(offset, length)  # activity log first (may write metadata)
         try:
             if kind == WRITE:
                 self.disk.write(offset, data, bool(flags & 1))
@@ -79,7 +80,6 @@ class Replicator:
                 log.error("local %s at %d+%d failed: %s", kind, offset, length, exc)
             cb(req.err)  # nothing was written locally, so nothing goes to the peer
             return
-        node.note_local_write(offset, length)
         link = node.replicating_link()
         if link is None:
             node.mark_out_of_sync(offset, length)

@@ -358,11 +358,10 @@ def test_disconnect_with_writes_in_flight(serve, tmp_path):
     assert srv.proc.poll() is None
 
 
-SIGTERM_SCRIPT = r'''
-import functools
-M = 1 << 20
-SLOT = 256 * 1024
-SLOTS = 400
+SIGTERM_SCRIPT = r"""
+import functools, struct
+SLOT = 256 * 1024  # large writes: these run in the server's I/O threads
+SLOTS = 256        # write i goes to slot i % SLOTS, round and round until the server stops
 ready_file = sys.argv[2]
 h = connect()
 acked, failed = [], []
@@ -376,30 +375,32 @@ def cb(i, err):
 issued = 0
 ready = False
 error = None
-while True:
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
     try:
-        while issued < SLOTS and h.aio_in_flight() < 16:
-            bufs[issued] = issued.to_bytes(4, "big") * (SLOT // 4)
-            h.aio_pwrite(bufs[issued], issued * SLOT,
+        while h.aio_in_flight() < 16:  # never two writes to one slot in flight at once
+            bufs[issued] = struct.pack(">I", issued) * (SLOT // 4)
+            h.aio_pwrite(bufs[issued], (issued % SLOTS) * SLOT,
                          completion=functools.partial(cb, issued), flags=nbd.CMD_FLAG_FUA)
             issued += 1
-        if h.aio_is_closed() or h.aio_is_dead():
-            break
         h.poll(1000)
     except nbd.Error as e:
         error = str(e)
         break
-    if not ready and len(acked) >= 20:
+    if not ready and len(acked) >= 50:
         open(ready_file, "w").close()
         ready = True
 result({"acked": acked, "failed": failed, "issued": issued, "slots": SLOTS,
-        "error": error})
-'''
+        "slot": SLOT, "error": error})
+"""
 
 
 def test_sigterm_drains_in_flight_writes(serve, tmp_path):
+    """A client streams FUA writes (16 in flight, forever) when the server gets SIGTERM:
+    the server exits 0 after draining, and every slot of the disk holds the last write
+    to it that was acknowledged, or a later one that was in flight."""
     require_tool("nbdsh")
-    srv = serve("128M")
+    srv = serve("64M")
     ready = tmp_path / "ready"
     client = popen_libnbd(tmp_path, srv.uri, SIGTERM_SCRIPT, str(ready), name="sigterm")
     try:
@@ -420,16 +421,25 @@ def test_sigterm_drains_in_flight_writes(serve, tmp_path):
     assert "stopped" in log, log
     line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert line, out
-    res = json.loads(line[-1][7:])
+    res = json.loads(line[-1][len("RESULT "):])
+    assert res["error"], "the client never saw the connection end"
+    slots, slot = res["slots"], res["slot"]
     acked = res["acked"]
-    assert len(acked) >= 20
-    slot = 256 * 1024
+    assert len(acked) >= 50
+    last_acked = {}
+    for i in acked:
+        last_acked[i % slots] = max(i, last_acked.get(i % slots, -1))
     with open(srv.disk, "rb") as f:
-        for i in acked:
-            f.seek(i * slot)
-            assert f.read(slot) == i.to_bytes(4, "big") * (slot // 4), f"acked write {i}"
-    # the client was still streaming writes when the server went away
-    assert res["issued"] < res["slots"], res
+        for s in range(slots):
+            f.seek(s * slot)
+            data = f.read(slot)
+            j = struct.unpack_from(">I", data)[0]
+            if s not in last_acked and data == bytes(slot):
+                continue  # never written, never acknowledged
+            assert data == struct.pack(">I", j) * (slot // 4), f"slot {s}: torn write"
+            assert j % slots == s and j < res["issued"], (s, j)
+            assert j >= last_acked.get(s, -1), \
+                f"slot {s}: holds write {j}, but write {last_acked[s]} was acknowledged"
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from helpers import require_tool, run, wait_for
 from nbd_testlib import MiB
 
 TOOLS = ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "e2fsck",
-         "debugfs")
+         "debugfs", "blockdev")
 
 
 def _retry(argv, timeout: float = 20.0, what: str = ""):
