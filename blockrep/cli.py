@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     res_cmd("events", "print state changes as JSON lines until interrupted", cmd_events)
     res_cmd("verify", "online verify: compare the disks block by block", _simple("verify"))
+    res_cmd("resync", "copy what is marked out of sync (e.g. after verify)",
+            _simple("resync"))
     res_cmd("invalidate", "discard local data: full resync from the peer",
             _simple("invalidate"))
     c = res_cmd("create-md", "create metadata for this node", cmd_create_md)

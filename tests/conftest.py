@@ -23,3 +23,20 @@ def serve(tmp_path):
     yield _start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Factory: cluster(**kw) -> Cluster (tests/cluster.py); all nodes are stopped after."""
+    from cluster import Cluster
+
+    made = []
+
+    def _make(**kw):
+        c = Cluster(tmp_path / f"c{len(made)}", **kw) if made else Cluster(tmp_path, **kw)
+        made.append(c)
+        return c
+
+    yield _make
+    for c in made:
+        c.stop_all()

@@ -29,6 +29,7 @@ from ..state import ConnState, DiskState, ReplState, Role, Strategy
 from .link import PeerLink
 from .nbd_server import NbdServer
 from .replication import Applier, Replicator
+from . import verify as verify_mod
 from .resync import ResyncSource, ResyncTarget
 
 log = logging.getLogger("blockrep.node")
@@ -106,6 +107,8 @@ class Node:
             P.CONTROL: self._on_control,
             P.REFUSE: self._on_refuse_established,
         }
+        verify_mod.install(self)
+        self.last_verify: dict | None = None
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -521,8 +524,7 @@ class Node:
         link.close("peer asked to renegotiate")
 
     def _ctl_verify(self, link, body):
-        from .verify import on_verify_control
-        on_verify_control(self, link, body)
+        verify_mod.on_verify_control(self, link, body)
 
     # -- resync ------------------------------------------------------------------------------
     def _start_resync_source(self, link: PeerLink, csum: bool) -> None:
@@ -716,7 +718,7 @@ class Node:
             "sync": sync,
             "last_sync": self.last_sync,
             "verify": self.verify.status(now) if self.verify is not None else
-            getattr(self, "last_verify", None),
+            self.last_verify,
             "nbd": {"address": f"{self.me.nbd[0]}:{self.me.nbd[1]}",
                     "export": self.me.export, "clients": self.nbd_clients,
                     "serving": self.is_primary},
@@ -792,16 +794,6 @@ _CONTROL_OPS = {
 }
 
 
-def _admin_verify(node, **kw):
-    from .verify import start_verify
-    return start_verify(node, **kw)
-
-
-def _admin_invalidate(node):
-    from .verify import invalidate
-    return invalidate(node)
-
-
 _ADMIN = {
     "status": Node.status,
     "primary": Node.cmd_primary,
@@ -809,6 +801,7 @@ _ADMIN = {
     "connect": Node.cmd_connect,
     "disconnect": Node.cmd_disconnect,
     "down": Node.cmd_down,
-    "verify": _admin_verify,
-    "invalidate": _admin_invalidate,
+    "verify": verify_mod.start_verify,
+    "invalidate": verify_mod.invalidate,
+    "resync": verify_mod.resync,
 }

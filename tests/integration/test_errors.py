@@ -69,6 +69,8 @@ BS_CB = "lambda *a: 0"
 RULES = {
     "write_past_end": ("h.pwrite(b'x' * 4096, SIZE - 2048)", errno.ENOSPC,
                        "h.pwrite(b'x' * 4096, SIZE - 4096)"),
+    "large_write_past_end": ("h.pwrite(b'x' * (1 << 20), SIZE - 4096)", errno.ENOSPC,
+                             "h.pwrite(b'x' * (1 << 20), SIZE - (1 << 20))"),
     "write_starting_past_end": ("h.pwrite(b'x' * 512, SIZE + 4096)", errno.ENOSPC,
                                 "h.pwrite(b'x' * 512, SIZE - 512)"),
     "write_zeroes_past_end": ("h.zero(4096, SIZE - 2048)", errno.ENOSPC,
@@ -119,6 +121,7 @@ out = {
     "trim": err_of(h.trim, 4096, 0),
     "zero": err_of(h.zero, 4096, 0),
     "write_past_end": err_of(h.pwrite, b"x" * 4096, (64 << 20) - 1024),
+    "large_write": err_of(h.pwrite, b"x" * (1 << 20), 1 << 20),
     "flush": err_of(h.flush),
     "read": err_of(h.pread, 4096, 4096),
 }
@@ -132,7 +135,7 @@ result(out)
 def test_read_only_export_refuses_writes(read_only, tmp_path):
     require_tool("nbdsh")
     res = run_libnbd(tmp_path, read_only.uri, RO_SCRIPT, name="ro")
-    for op in ("write", "trim", "zero", "write_past_end"):
+    for op in ("write", "trim", "zero", "write_past_end", "large_write"):
         assert res[op] == errno.EPERM, (op, res)
     # FUA is not advertised on a read-only export: the flag alone makes it EINVAL
     assert res["write_fua"] in (errno.EPERM, errno.EINVAL), res
