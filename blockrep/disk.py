@@ -15,6 +15,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 
 from . import native
 
@@ -88,15 +89,19 @@ class Disk:
         except BaseException:
             os.close(self.fd)
             raise
-        self._bounce: mmap.mmap | None = None
+        self._bounce = threading.local()
+        self._bounces: list[mmap.mmap] = []
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        for buf in self._bounces:
+            try:
+                buf.close()
+            except BufferError:  # a view is still alive somewhere; the GC frees it
+                pass
+        self._bounces.clear()
 
     # -- data --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -242,11 +247,13 @@ class Disk:
 
     # -- O_DIRECT ----------------------------------------------------------------------------
     def _bounce_buf(self, n: int) -> mmap.mmap:
-        if self._bounce is None or len(self._bounce) < n:
-            if self._bounce is not None:
-                self._bounce.close()
-            self._bounce = mmap.mmap(-1, max(n, 1 << 20))  # page aligned
-        return self._bounce
+        """A page-aligned staging buffer of this thread (requests run in several)."""
+        local = self._bounce
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = local.buf = mmap.mmap(-1, max(n, 1 << 20))
+            self._bounces.append(buf)
+        return buf
 
     def _direct_read(self, offset: int, length: int) -> memoryview:
         a0 = offset - offset % DIRECT_ALIGN

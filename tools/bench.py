@@ -77,7 +77,166 @@ class Target:
         return f"nbd://127.0.0.1:{self.port}/"
 
 
-def make_targets(disk: str, names: list[str]) -> list[Target]:
+class ReplicatedTarget(Target):
+    """A blockrep primary with a connected secondary, both on loopback."""
+
+    def __init__(self, name: str, disk: str, tmp: str):
+        self.tmp = tmp
+        self.disk = disk
+        self.secondary = os.path.join(tmp, "secondary.img")
+        ports = [free_port() for _ in range(3)]
+        super().__init__(name, [], ports[2])
+        self.cfg = os.path.join(tmp, "bench-r0.toml")
+        with open(self.cfg, "w") as f:
+            f.write(f"""[resource]
+name = "bench"
+shared-secret = "bench"
+run-dir = "{tmp}/run"
+[node.alpha]
+address = "127.0.0.1:{ports[0]}"
+disk = "{disk}"
+nbd = "127.0.0.1:{ports[2]}"
+[node.beta]
+address = "127.0.0.1:{ports[1]}"
+disk = "{self.secondary}"
+nbd = "127.0.0.1:{free_port()}"
+""")
+        self.nodes = {}
+
+    def cli(self, node, *args):
+        return subprocess.run([PY, "-m", "blockrep", args[0], self.cfg, "--node", node,
+                               *args[1:]], capture_output=True, text=True, check=True,
+                              timeout=120).stdout
+
+    def status(self, node):
+        return json.loads(self.cli(node, "status", "--json"))
+
+    def start(self, log_dir: str) -> None:
+        shutil.copyfile(self.disk, self.secondary)  # identical content: no initial sync
+        for n in ("alpha", "beta"):
+            self.cli(n, "create-md", "--force")
+        for n in ("alpha", "beta"):
+            log = open(os.path.join(log_dir, f"{self.name}-{n}.log"), "w")
+            self.nodes[n] = subprocess.Popen(
+                [PY, "-m", "blockrep", "up", self.cfg, "--node", n], stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.status("alpha")["connection"] == "Connected":
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicated pair did not connect")
+            time.sleep(0.1)
+        self.cli("alpha", "primary", "--force", "--skip-initial-sync")
+        deadline = time.monotonic() + 30
+        while self.status("alpha")["peer"]["disk"] != "UpToDate":
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicated pair did not become UpToDate")
+            time.sleep(0.1)
+        self.proc = self.nodes["alpha"]
+
+    def stop(self) -> None:
+        for p in self.nodes.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.nodes.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+class QsdMirrorTarget(Target):
+    """qemu-storage-daemon exporting the disk over NBD, with a blockdev-mirror job in
+    copy-mode=write-blocking to a qemu-nbd target (TCP or Unix socket)."""
+
+    def __init__(self, name: str, disk: str, tmp: str, transport: str):
+        super().__init__(name, [], free_port())
+        self.disk, self.tmp, self.transport = disk, tmp, transport
+        self.target_img = os.path.join(tmp, f"{name}-target.img")
+        self.procs = []
+
+    def start(self, log_dir: str) -> None:
+        shutil.copyfile(self.disk, self.target_img)
+        log = open(os.path.join(log_dir, f"{self.name}.log"), "w")
+        if self.transport == "unix":
+            sock = os.path.join(self.tmp, f"{self.name}-tgt.sock")
+            tgt_argv = ["qemu-nbd", "-f", "raw", "-x", "target", "-k", sock, "-t",
+                        "--cache=writeback", self.target_img]
+            server = f"server.type=unix,server.path={sock}"
+        else:
+            tport = free_port()
+            tgt_argv = ["qemu-nbd", "-f", "raw", "-x", "target", "-b", "127.0.0.1", "-p",
+                        str(tport), "-t", "--cache=writeback", self.target_img]
+            server = f"server.type=inet,server.host=127.0.0.1,server.port={tport}"
+        self.procs.append(subprocess.Popen(tgt_argv, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+        time.sleep(0.5)
+        qmp = os.path.join(self.tmp, f"{self.name}-qmp.sock")
+        argv = ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,filename={self.disk},node-name=src-file,"
+                              "cache.direct=off,aio=threads",
+                "--blockdev", "driver=raw,file=src-file,node-name=src",
+                "--blockdev", f"driver=nbd,{server},export=target,node-name=tgt",
+                "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}",
+                "--export", "type=nbd,id=exp0,node-name=src,name=,writable=on",
+                "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
+                "--monitor", "chardev=qmp0"]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.procs.append(self.proc)
+        wait_port(self.port, self.proc)
+        self._qmp(qmp, {"execute": "blockdev-mirror", "arguments": {
+            "job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
+            "copy-mode": "write-blocking"}}, wait_ready=True)
+
+    @staticmethod
+    def _qmp(path, cmd, wait_ready=False):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        f = s.makefile("rwb")
+        f.readline()
+        for c in ({"execute": "qmp_capabilities"}, cmd):
+            f.write((json.dumps(c) + "\n").encode())
+            f.flush()
+            while True:
+                msg = json.loads(f.readline())
+                if "return" in msg:
+                    break
+                if "error" in msg:
+                    raise RuntimeError(f"QMP: {msg['error']}")
+        deadline = time.monotonic() + 300
+        while wait_ready:
+            f.write(b'{"execute": "query-block-jobs"}\n')
+            f.flush()
+            while True:
+                msg = json.loads(f.readline())
+                if "return" in msg:
+                    break
+            if msg["return"] and msg["return"][0].get("ready"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("mirror job never became ready")
+            time.sleep(0.2)
+        s.close()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def make_targets(disk: str, names: list[str], tmp: str = "/tmp") -> list[Target]:
     out = []
     for name in names:
         port = free_port()
@@ -86,6 +245,12 @@ def make_targets(disk: str, names: list[str]) -> list[Target]:
                     "--listen", f"127.0.0.1:{port}"]
         elif name == "nbdkit":
             argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", disk]
+        elif name == "blockrep-repl":
+            out.append(ReplicatedTarget(name, disk, tmp))
+            continue
+        elif name in ("qsd-mirror-unix", "qsd-mirror-tcp"):
+            out.append(QsdMirrorTarget(name, disk, tmp, name.rsplit("-", 1)[1]))
+            continue
         elif name == "qemu-nbd":
             argv = ["qemu-nbd", "-f", "raw", "-x", "", "-b", "127.0.0.1", "-p", str(port),
                     "-t", "-e", "8", "--cache=writeback", "--aio=threads", disk]
@@ -141,34 +306,42 @@ def print_table(results: dict, targets: list[str], workloads: list[str]) -> None
     sys.stdout.flush()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
-    ap.add_argument("--targets", default="blockrep,nbdkit,qemu-nbd")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--runtime", type=int, default=8, help="seconds per workload")
-    ap.add_argument("--size-mib", type=int, default=1024, help="backing file size")
-    ap.add_argument("--dir", help="where the backing file goes (default: a temp dir)")
-    ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args(argv)
-    for tool in ("fio", "nbdkit", "qemu-nbd"):
-        if not shutil.which(tool):
-            raise SystemExit(f"tools/bench needs {tool} (see README: tools/setup)")
+def print_ratios(results: dict, names: list[str], wls: list[str]) -> None:
+    """Replicated mode: blockrep-repl against standalone blockrep and the best qsd mirror."""
+    if "blockrep-repl" not in names:
+        return
+    print()
+    print(f"{'workload':<20} {'repl/standalone':>16} {'repl/best-qsd-mirror':>21}")
+    for wl in wls:
+        r = results.get(("blockrep-repl", wl))
+        if r is None:
+            continue
+        sa = results.get(("blockrep", wl))
+        qsd = [results[(t, wl)]["iops"] for t in names
+               if t.startswith("qsd-mirror") and (t, wl) in results]
+        a = f"{r['iops'] / sa['iops']:.2f}x" if sa and sa["iops"] else "-"
+        b = f"{r['iops'] / max(qsd):.2f}x" if qsd and max(qsd) else "-"
+        print(f"{wl:<20} {a:>16} {b:>21}")
+
+
+def run_io_bench(args) -> int:
     names = args.targets.split(",")
     wls = args.workloads.split(",")
     tmp = tempfile.mkdtemp(prefix="blockrep-bench-", dir=args.dir)
     disk = os.path.join(tmp, "disk.img")
     size = args.size_mib << 20
+    fio_size = size - (8 << 20)  # leave room for blockrep's internal metadata
     print(f"# preparing {args.size_mib} MiB backing file in {tmp}", flush=True)
     prepare_disk(disk, size)
     results = {}
     try:
-        for target in make_targets(disk, names):
+        for target in make_targets(disk, names, tmp):
             target.start(tmp)
             try:
                 for wl in wls:
-                    r = run_fio(target.uri, WORKLOADS[wl], args.runtime, size)
+                    r = run_fio(target.uri, WORKLOADS[wl], args.runtime, fio_size)
                     results[(target.name, wl)] = r
-                    print(f"# {target.name:<9} {wl:<18} {r['iops']:>9.0f} IOPS "
+                    print(f"# {target.name:<15} {wl:<18} {r['iops']:>9.0f} IOPS "
                           f"{r['mbs']:>8.1f} MB/s p50 {r['p50_us']:.0f}us "
                           f"p99 {r['p99_us']:.0f}us", flush=True)
             finally:
@@ -177,9 +350,196 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
     print_table(results, names, wls)
+    print_ratios(results, names, wls)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{t}/{w}": r for (t, w), r in results.items()}, f, indent=1)
+    return 0
+
+
+# -- resync ------------------------------------------------------------------------------------
+
+DIRTY_WRITER = r"""
+import nbd, sys
+uri, listfile = sys.argv[1], sys.argv[2]
+offs = [int(x) for x in open(listfile)]
+h = nbd.NBD(); h.connect_uri(uri)
+buf = nbd.Buffer.from_bytearray(bytearray(open('/dev/urandom','rb').read(4096)))
+inflight = 0
+for off in offs:
+    while h.aio_in_flight() >= 64:
+        h.poll(-1)
+    h.aio_pwrite(buf, off)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.flush(); h.shutdown()
+"""
+
+
+def _nbdcopy_time(src: str, tmp: str, size: int) -> float:
+    """nbdcopy between two `nbdkit file` servers; returns seconds."""
+    dst = os.path.join(tmp, "nbdcopy-dst.img")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    ports = [free_port(), free_port()]
+    procs = [subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(p), "file", f],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p, f in zip(ports, (src, dst))]
+    try:
+        for p, proc in zip(ports, procs):
+            wait_port(p, proc)
+        os.sync()
+        t0 = time.monotonic()
+        subprocess.run(["nbdcopy", f"nbd://127.0.0.1:{ports[0]}/",
+                        f"nbd://127.0.0.1:{ports[1]}/"], check=True, timeout=600)
+        t = time.monotonic() - t0
+        if not _same(src, dst, size):
+            raise RuntimeError("nbdcopy result differs from its source")
+        return t
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+        os.unlink(dst)
+
+
+def _same(a: str, b: str, n: int) -> bool:
+    return subprocess.run(["cmp", "-n", str(n), a, b], capture_output=True).returncode == 0
+
+
+def _wait_sync_done(pair: ReplicatedTarget, node: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = pair.status(node)
+        if s["replication"] == "Established" and s["last_sync"] and s["out_of_sync_bytes"] == 0:
+            return s
+        time.sleep(0.05)
+    raise RuntimeError(f"resync did not finish: {s}")
+
+
+def run_resync_bench(args) -> int:
+    tmp = tempfile.mkdtemp(prefix="blockrep-resync-", dir=args.dir)
+    size = args.size_mib << 20
+    rows = []
+    try:
+        src = os.path.join(tmp, "src.img")
+        print(f"# preparing {args.size_mib} MiB of random data in {tmp}", flush=True)
+        with open(src, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(os.urandom(1 << 20))
+        # 1. full sync: alpha has the data, beta is blank
+        alpha = os.path.join(tmp, "alpha.img")
+        shutil.copyfile(src, alpha)
+        pair = ReplicatedTarget("resync", alpha, tmp)
+        with open(pair.secondary, "wb") as f:
+            f.truncate(size)
+        for n in ("alpha", "beta"):
+            pair.cli(n, "create-md", "--force")
+        data_size = None
+        try:
+            for n in ("alpha", "beta"):
+                pair.nodes[n] = subprocess.Popen(
+                    [PY, "-m", "blockrep", "up", pair.cfg, "--node", n],
+                    stdout=open(os.path.join(tmp, f"resync-{n}.log"), "w"),
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if pair.status("alpha")["connection"] == "Connected":
+                        break
+                except subprocess.CalledProcessError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("pair did not connect")
+                time.sleep(0.1)
+            os.sync()
+            pair.cli("alpha", "primary", "--force")  # no skip: full initial sync
+            s = _wait_sync_done(pair, "alpha")
+            data_size = s["size_bytes"]
+            full = s["last_sync"]
+            if not _same(alpha, pair.secondary, data_size):
+                raise RuntimeError("full sync: disks differ afterwards")
+            rows.append(("full sync", full["total_bytes"], full["elapsed_s"],
+                         full["sent_bytes"]))
+            print(f"# full sync: {full}", flush=True)
+            # 2. sparse: 10% of the blocks, scattered, written while beta is disconnected
+            import random
+            rng = random.Random(42)
+            nblocks = data_size // 4096
+            offs = sorted(rng.sample(range(nblocks), nblocks // 10))
+            listfile = os.path.join(tmp, "dirty.txt")
+            with open(listfile, "w") as f:
+                f.write("\n".join(str(b * 4096) for b in offs))
+            pair.cli("beta", "disconnect")
+            deadline = time.monotonic() + 30
+            while pair.status("alpha")["connection"] == "Connected":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("beta did not disconnect")
+                time.sleep(0.05)
+            subprocess.run(["/usr/bin/python3", "-c", DIRTY_WRITER,
+                            f"nbd://127.0.0.1:{pair.port}/", listfile], check=True,
+                           timeout=600)
+            dirty = pair.status("alpha")["out_of_sync_bytes"]
+            os.sync()
+            pair.cli("beta", "connect")
+            s = _wait_sync_done(pair, "alpha")
+            sparse = s["last_sync"]
+            if not _same(alpha, pair.secondary, data_size):
+                raise RuntimeError("sparse resync: disks differ afterwards")
+            rows.append(("10% scattered", sparse["total_bytes"], sparse["elapsed_s"],
+                         sparse["sent_bytes"]))
+            print(f"# sparse resync: dirty {dirty} bytes, {sparse}", flush=True)
+        finally:
+            pair.stop()
+        # nbdcopy of the same data between two nbdkit file servers
+        t_full = _nbdcopy_time(src, tmp, data_size)
+        sparse_src = os.path.join(tmp, "sparse-src.img")
+        with open(src, "rb") as fi, open(sparse_src, "wb") as fo:
+            fo.truncate(data_size)
+            for b in offs:
+                fi.seek(b * 4096)
+                fo.seek(b * 4096)
+                fo.write(fi.read(4096))
+        t_sparse = _nbdcopy_time(sparse_src, tmp, data_size)
+        ncopy = {"full sync": (data_size, t_full),
+                 "10% scattered": (len(offs) * 4096, t_sparse)}
+        print()
+        print(f"{'case':<15} {'bytes':>12} {'resync s':>9} {'resync MB/s':>12} "
+              f"{'on wire':>12} {'nbdcopy s':>10} {'nbdcopy MB/s':>13} {'ratio':>6}")
+        for name, total, secs, sent in rows:
+            nbytes, nsecs = ncopy[name]
+            r_mbs = total / secs / 1e6 if secs else float("inf")
+            n_mbs = nbytes / nsecs / 1e6
+            print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12} "
+                  f"{nsecs:>10.2f} {n_mbs:>13.1f} {r_mbs / n_mbs:>5.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
+    ap.add_argument("--mode", default="io", choices=("io", "replicated", "resync", "all"),
+                    help="io: standalone servers; replicated: + primary/secondary pair and "
+                         "the qemu-storage-daemon mirror; resync: resync throughput")
+    ap.add_argument("--targets", help="comma list: blockrep, nbdkit, qemu-nbd, "
+                                      "blockrep-repl, qsd-mirror-unix, qsd-mirror-tcp")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--runtime", type=int, default=8, help="seconds per workload")
+    ap.add_argument("--size-mib", type=int, default=1024, help="backing file size")
+    ap.add_argument("--dir", help="where the backing files go (default: a temp dir)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    for tool in ("fio", "nbdkit", "qemu-nbd", "nbdcopy"):
+        if not shutil.which(tool):
+            raise SystemExit(f"tools/bench needs {tool} (run tools/setup)")
+    if args.mode in ("io", "all", "replicated"):
+        if args.targets is None:
+            args.targets = "blockrep,nbdkit,qemu-nbd" if args.mode == "io" else \
+                "blockrep,nbdkit,qemu-nbd,blockrep-repl,qsd-mirror-unix,qsd-mirror-tcp"
+        run_io_bench(args)
+    if args.mode in ("resync", "all"):
+        run_resync_bench(args)
     return 0
 
 

@@ -206,7 +206,7 @@ def popen_libnbd(tmp_path, uri: str, body: str, *args: str, name: str = "script"
         out.close()
 
 
-# -- files ------------------------------------------------------------------------------------------
+# -- files -------------------------------------------------------------------------------------
 
 def write_random_file(path, size: int, chunk: int = 8 * MiB) -> None:
     with open(path, "wb") as f:

@@ -194,9 +194,6 @@ def test_nbdcopy_roundtrip_256m(serve, tmp_path):
     _nbdcopy_roundtrip(serve, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --direct shares one O_DIRECT bounce buffer "
-                   "(Disk._bounce) between the loop thread and the 4 I/O threads, so "
-                   "concurrent reads/writes corrupt each other's data")
 def test_nbdcopy_roundtrip_direct(serve, tmp_path):
     require_tool("nbdcopy")
     _nbdcopy_roundtrip(serve, tmp_path, "--direct")
