@@ -51,7 +51,7 @@ class ResourceConfig:
     barrier_interval: float = 0.2
     run_dir: str = "/tmp/blockrep"
     resync_rate: int = 0  # bytes/s, 0 = unlimited (adaptive controller still applies)
-    resync_window: int = 8
+    resync_window: int = 32
     after_sb_0pri: str = "disconnect"
     after_sb_1pri: str = "disconnect"
     raw: dict = field(default_factory=dict, repr=False)

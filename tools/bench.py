@@ -380,7 +380,7 @@ def _nbdcopy_time(src: str, tmp: str, size: int) -> float:
     """nbdcopy between two `nbdkit file` servers; returns seconds."""
     dst = os.path.join(tmp, "nbdcopy-dst.img")
     with open(dst, "wb") as f:
-        f.truncate(size)
+        f.truncate(os.path.getsize(src))
     ports = [free_port(), free_port()]
     procs = [subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(p), "file", f],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

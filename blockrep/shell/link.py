@@ -122,6 +122,10 @@ class PeerLink(asyncio.BufferedProtocol):
         self._paused = False
         self.node.on_link_writable(self)
 
+    def owns(self, payload) -> bool:
+        """True if payload is a view of the receive ring (valid only during dispatch)."""
+        return isinstance(payload, memoryview) and payload.obj is self._buf
+
     @property
     def congested(self) -> bool:
         return self._paused

@@ -440,6 +440,7 @@ class Node:
             self.resync_source.cancel()
             self.resync_source = None
         self.resync_target = None
+        self.replicator.drain_waiting()  # held-back writes now go local-only
         if self.verify is not None:
             self.verify.cancel("connection lost")
         self.replicator.link_lost()
@@ -548,6 +549,7 @@ class Node:
         if not ok or link.closed or self.resync_source is not src:
             return
         self.resync_source = None
+        self.replicator.drain_waiting()
         self.gen.sync_finished_as_source()
         self.repl = ReplState.ESTABLISHED
         self.peer_disk = DiskState.UP_TO_DATE

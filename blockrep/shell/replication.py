@@ -14,6 +14,7 @@ pending request is completed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from ..nbd.constants import NbdErr
 from ..nbd.transmission import nbd_error
@@ -58,14 +59,36 @@ class Replicator:
         self.writes_replicated = 0
         self.bytes_replicated = 0
         self.writes_local_only = 0
+        self.waiting: deque = deque()  # writes held back by an overlapping resync request
 
     # -- frontend entry ----------------------------------------------------------------------
     def submit(self, kind, offset, length, data, flags, cb) -> None:
         node = self.node
-        req = Req(kind, offset, length, cb)
         if kind == FLUSH:
-            self._flush(req)
+            self._flush(Req(kind, offset, length, cb))
             return
+        rs = node.resync_source
+        if rs is not None and (self.waiting or rs.overlaps(offset, length)):
+            # a resync request for this range is in flight: the write waits for its ack,
+            # so the target never sees resync data overtake a newer application write
+            self.waiting.append((kind, offset, length, data, flags, cb))
+            return
+        self._start(kind, offset, length, data, flags, cb)
+
+    def drain_waiting(self) -> None:
+        """Start the writes held back by resync conflicts, in arrival order."""
+        rs = self.node.resync_source
+        waiting = self.waiting
+        while waiting:
+            kind, offset, length, data, flags, cb = waiting[0]
+            if rs is not None and rs.overlaps(offset, length):
+                return
+            waiting.popleft()
+            self._start(kind, offset, length, data, flags, cb)
+
+    def _start(self, kind, offset, length, data, flags, cb) -> None:
+        node = self.node
+        req = Req(kind, offset, length, cb)
         node.note_local_write(offset, length)  # activity log first (may write metadata)
         try:
             if kind == WRITE:

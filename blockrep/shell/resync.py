@@ -17,13 +17,15 @@ import logging
 from ..bitmap import BLOCK
 from ..peer import proto
 from ..peer.proto import P
+from .buffers import BufferPool
 
 log = logging.getLogger("blockrep.resync")
 
 CHUNK = 1 << 20  # bytes per resync request
+ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
 _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
-_ZEROES = bytes(CHUNK)
+_ZEROES = memoryview(bytes(CHUNK))
 
 
 class Progress:
@@ -67,6 +69,7 @@ class ResyncSource:
         self.wake = asyncio.Event()
         self.progress = Progress(self.bitmap.count_bytes(), node.loop.time())
         self.cancelled = False
+        self.pool = BufferPool()
 
     def cancel(self):
         self.cancelled = True
@@ -109,11 +112,34 @@ class ResyncSource:
         # leave the application its share: shrink to one request while writes queue up
         return 1 if len(self.node.replicator.pending) > 32 else self.window
 
+    def overlaps(self, offset: int, length: int) -> bool:
+        end = offset + length
+        for off, ln in self.inflight.values():
+            if off < end and offset < off + ln:
+                return True
+        return False
+
     def _send_one(self, off: int, ln: int) -> None:
         pid = self.next_id
         self.next_id += 1
-        self.inflight[pid] = (off, ln)
-        data = self.disk.read(off, ln)  # inline: see the module docstring on ordering
+        self.inflight[pid] = (off, ln)  # from now on writes to this range wait for the ack
+        if ln < ASYNC_MIN:
+            self._send_data(pid, off, ln, self.disk.read(off, ln))
+            return
+        view = self.pool.get(ln)
+        self.node.run_io(lambda: self.disk.readinto(off, view),
+                         lambda exc: self._read_done(pid, off, ln, view, exc))
+
+    def _read_done(self, pid, off, ln, view, exc) -> None:
+        if self.cancelled or self.link.closed:
+            return
+        if exc is not None:
+            log.error("resync read at %d+%d failed: %s", off, ln, exc)
+            self.link.abort(f"resync read failed: {exc}")
+            return
+        self._send_data(pid, off, ln, view)
+
+    def _send_data(self, pid, off, ln, data) -> None:
         if self.csum:
             sums = proto.native.crc32c_blocks(data, BLOCK)
             self.link.send(_HDR(_MAGIC, P.RS_CSUM, 0, pid, off, ln, len(sums), 0), sums)
@@ -133,6 +159,8 @@ class ResyncSource:
         self.node.bitmap_changed()
         self.progress.add(rng[1], self.node.loop.time())
         self.wake.set()
+        if self.node.replicator.waiting:
+            self.node.replicator.drain_waiting()
 
     def on_rs_request(self, link, flags, pid, offset, size, crc, payload):
         """Checksum mode: the target wants the data of these blocks after all."""
@@ -163,6 +191,14 @@ class ResyncTarget:
         else:
             if len(payload) != size or proto.native.crc32c(payload) != crc:
                 raise proto.LinkProtocolError(f"CRC32C mismatch in resync data at {offset}")
+            if size >= ASYNC_MIN and not flags & proto.F_FUA:
+                # the source holds back application writes to this range until our ack,
+                # so writing it in a thread cannot reorder it against one
+                if link.owns(payload):  # a view of the receive ring, reused soon: copy
+                    payload = bytes(payload)
+                self.node.run_io(lambda: self.disk.write(offset, payload),
+                                 lambda exc: self._written(link, pid, offset, size, exc))
+                return
             self.disk.write(offset, payload)
         if flags & proto.F_FUA:  # part of a checksum-mode request
             left = self.partial.get(pid, 0) - size
@@ -202,6 +238,14 @@ class ResyncTarget:
         for o, ln in runs:
             link.send(_HDR(_MAGIC, P.RS_REQUEST, 0, pid, o, ln, 0, 0))
         self.node.resync_differing_bytes += want
+
+    def _written(self, link, pid, offset, size, exc):
+        if exc is not None:
+            log.error("resync write at %d+%d failed: %s", offset, size, exc)
+            link.abort(f"resync write failed: {exc}")
+            return
+        if not link.closed:
+            self._ack(link, pid, offset, size)
 
     def _ack(self, link, pid, offset, size):
         link.send(_HDR(_MAGIC, P.RS_ACK, 0, pid, offset, size, 0, 0))
