@@ -1,1 +1,5 @@
-from .cli import main; import sys; sys.exit(main())
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -19,14 +19,11 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from ..nbd import proto
 from .buffers import BufferPool
-
-WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 from ..nbd.constants import (
     BASE_ALLOCATION_ID,
     REPLY_FLAG_DONE,
@@ -43,6 +40,8 @@ from ..nbd.handshake import Closed, Export, HandshakeServer, Negotiated
 from ..nbd.transmission import RequestRules, nbd_error
 
 log = logging.getLogger("blockrep.nbd")
+
+WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 
 RECV_BUF = 2 * 1024 * 1024
 BIG_IO = 256 * 1024  # reads/writes this large run in the I/O threads

@@ -21,9 +21,10 @@ from ..nbd.transmission import nbd_error
 from ..peer import proto
 from ..peer.proto import P
 
+from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD frontend
+
 log = logging.getLogger("blockrep.repl")
 
-from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD frontend
 _KIND_PACKET = {WRITE: P.DATA, TRIM: P.TRIM, ZERO: P.ZERO}
 _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
