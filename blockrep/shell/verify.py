@@ -172,6 +172,9 @@ def start_verify(node) -> str:
         raise NodeError(f"verify refused: replication is {node.repl.value}, not Established")
     if node.verify is not None:
         raise NodeError("verify refused: a verify is already running")
+    if DiskState.UP_TO_DATE != node.disk_state or DiskState.UP_TO_DATE != node.peer_disk:
+        raise NodeError(f"verify refused: disks are {node.disk_state.value}/"
+                        f"{node.peer_disk.value}, not both UpToDate")
     if not node.is_primary and node.peer_role == Role.PRIMARY:
         link.send_control(P.CONTROL, {"op": "verify", "action": "start"})
         return f"verify started on the Primary ({node.peer_cfg.name})"

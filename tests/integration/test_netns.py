@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import time
@@ -129,7 +128,10 @@ def test_link_cut_primary_keeps_serving_then_resyncs(netns_pair, cluster, tmp_pa
         if fio.poll() is None:
             fio.kill()
             fio.wait()
-    text = open(out).read() if os.path.exists(out) else ""
+    text = ""
+    if os.path.exists(out):
+        with open(out) as f:
+            text = f.read()
     assert fio.returncode == 0, f"fio exited {fio.returncode}\n{stdout}\n{stderr}\n{text[-3000:]}"
     report = json.loads(text[text.index("{"):])
     for job in report["jobs"]:
