@@ -24,6 +24,7 @@ class Cluster:
         self.ports = {n: (free_port(), free_port()) for n in self.NODES}  # (link, nbd)
         self.addresses = addresses or {n: "127.0.0.1" for n in self.NODES}
         self.configs = {}
+        self.resource_names = {n: (names_per_node or {}).get(n, "r0") for n in self.NODES}
         for n in self.NODES:
             img = self.disk(n)
             with open(img, "wb") as f:
@@ -80,7 +81,7 @@ class Cluster:
         return p
 
     def admin_socket(self, node: str) -> str:
-        return os.path.join(self.dir, "run", f"r0.{node}.sock")
+        return os.path.join(self.dir, "run", f"{self.resource_names[node]}.{node}.sock")
 
     def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.get(node)

@@ -363,9 +363,6 @@ MISMATCHES = {
 def test_mismatched_configuration_never_connects(cluster, kind):
     kw, reason = MISMATCHES[kind]
     c = cluster(size="64M", **kw)
-    names = kw.get("names_per_node")
-    if names:  # the admin socket is named after each node's own resource name
-        c.admin_socket = lambda node: os.path.join(c.dir, "run", f"{names[node]}.{node}.sock")
     pattern = b"\x5a" * MiB
     with open(c.disk("alpha"), "r+b") as f:
         f.write(pattern)
