@@ -48,7 +48,7 @@ class ResourceConfig:
     ping_interval: float = 1.0
     timeout: float = 4.0
     connect_interval: float = 0.5
-    barrier_interval: float = 0.2
+    barrier_interval: float = 1.0
     run_dir: str = "/tmp/blockrep"
     resync_rate: int = 0  # bytes/s, 0 = unlimited (adaptive controller still applies)
     resync_window: int = 32

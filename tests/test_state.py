@@ -172,9 +172,23 @@ def test_symmetry_arbitrary(me, peer, my_bits, peer_bits, iwp, pwp):
                    "equal, both sides have bits and neither (or both) was primary: both "
                    "nodes choose sync-source")
 def test_current_equal_both_bits_tie_is_not_mirrored():
-    # Reachable: A Primary writes, demotes; B promotes, writes, demotes; both nodes lose
+    # Reachable: a Primary writes, demotes; b promotes, writes, demotes; both nodes lose
     # power. On restart each marks its activity-log extents, neither was Primary.
-    assert_mirrored(G(A), G(A), True, True, False, False)
+    sim = Sim()
+    a, b = sim.a, sim.b
+    sim.connect()
+    sim.promote(a)
+    sim.connect()
+    sim.write(a)
+    sim.demote(a)
+    sim.promote(b)
+    sim.write(b)
+    sim.demote(b)
+    sim.crash(a)
+    sim.crash(b)
+    assert a.gen.current == b.gen.current and a.bits and b.bits
+    assert not (a.was_primary or b.was_primary)
+    assert_mirrored(a.gen, b.gen, a.bits, b.bits, a.was_primary, b.was_primary)
 
 
 # -- realistic histories -----------------------------------------------------------------------
@@ -200,7 +214,9 @@ class Sim:
     def other(self, n):
         return self.b if n is self.a else self.a
 
-    def connect(self, discard: SimNode | None = None):
+    def connect(self, discard: SimNode | None = None, lose_done: bool = False):
+        """lose_done: the link drops after the source finished the resync but before the
+        target got "sync-done" (the target keeps its old identity)."""
         if self.connected:
             return
         a, b = self.a, self.b
@@ -228,8 +244,13 @@ class Sim:
             return  # a Primary never becomes sync target
         if src is not None:
             src.gen.sync_finished_as_source()
+            src.bits = False
+            if lose_done:
+                self.connected = True
+                self.disconnect()
+                return
             dst.gen.adopt(src.gen)
-            src.bits = dst.bits = False
+            dst.bits = False
         self.connected = True
         for n in (a, b):
             n.was_primary = False
@@ -285,7 +306,7 @@ class Sim:
 
 
 events = st.lists(st.tuples(
-    st.sampled_from(["connect", "connect-discard", "disconnect", "promote", "demote",
+    st.sampled_from(["connect", "connect-discard", "connect-lose-done", "disconnect", "promote", "demote",
                      "write", "crash", "restart"]),
     st.sampled_from(["a", "b"])), max_size=40)
 
@@ -300,6 +321,8 @@ def test_symmetry_realistic_histories(evs):
             sim.connect()
         elif ev == "connect-discard":
             sim.connect(discard=n)
+        elif ev == "connect-lose-done":
+            sim.connect(lose_done=True)
         elif ev == "disconnect":
             sim.disconnect()
         elif ev == "promote":
@@ -343,6 +366,24 @@ def test_realistic_scenarios_reach_the_main_rules():
     sim.connect(discard=a)               # refused: b is Primary, a is not; a discards
     assert sim.connected
     assert a.gen.current == b.gen.current
+    sim.disconnect()
+    sim.write(b)
+    sim.connect(lose_done=True)          # b finished as source, a never adopted
+    assert not sim.connected
+    sim.connect()
+    assert sim.decisions[-1] == "my-current-in-peer-history"
+    sim.disconnect()
+    sim.write(b)
+    sim.connect(lose_done=True)
+    sim.demote(b)
+    sim.promote(a)                       # a writes on top of its stale identity
+    sim.write(a)
+    sim.connect()
+    assert sim.decisions[-1] == "both-changed-since-common-ancestor"
+    sim.demote(a)
+    sim.connect(discard=a)
+    assert sim.connected and a.gen.current == b.gen.current and not a.bits
+    sim.promote(b)
     sim.write(b)
     sim.crash(b)                         # crashed Primary with activity-log bits
     assert b.bits and not a.bits and b.was_primary

@@ -25,6 +25,7 @@ from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD f
 
 log = logging.getLogger("blockrep.repl")
 
+ASYNC_LOCAL = 256 * 1024  # writes this large are written locally in the I/O threads
 _KIND_PACKET = {WRITE: P.DATA, TRIM: P.TRIM, ZERO: P.ZERO}
 _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
@@ -60,62 +61,92 @@ class Replicator:
         self.writes_replicated = 0
         self.bytes_replicated = 0
         self.writes_local_only = 0
-        self.waiting: deque = deque()  # writes held back by an overlapping resync request
+        self.waiting: deque = deque()  # writes held back by a conflict (see submit)
+        self.local_busy: dict[int, tuple[int, int]] = {}  # local writes running in threads
+        self._busy_seq = 0
 
     # -- frontend entry ----------------------------------------------------------------------
     def submit(self, kind, offset, length, data, flags, cb) -> None:
-        node = self.node
         if kind == FLUSH:
             self._flush(Req(kind, offset, length, cb))
             return
-        rs = node.resync_source
-        if rs is not None and (self.waiting or rs.overlaps(offset, length)):
-            # a resync request for this range is in flight: the write waits for its ack,
-            # so the target never sees resync data overtake a newer application write
+        if self.waiting or self._conflicts(offset, length):
+            # an overlapping write is still being written locally in a thread, or a resync
+            # request for this range is in flight: wait, so both disks see one order and
+            # resync data never overtakes a newer application write on the target
             self.waiting.append((kind, offset, length, data, flags, cb))
             return
         self._start(kind, offset, length, data, flags, cb)
 
-    def drain_waiting(self) -> None:
-        """Start the writes held back by resync conflicts, in arrival order."""
+    def local_overlaps(self, offset: int, length: int) -> bool:
+        """Is a local write to this range running in a thread right now?"""
+        end = offset + length
+        for s, e in self.local_busy.values():
+            if s < end and offset < e:
+                return True
+        return False
+
+    def _conflicts(self, offset: int, length: int) -> bool:
+        if self.local_busy and self.local_overlaps(offset, length):
+            return True
         rs = self.node.resync_source
+        return rs is not None and rs.overlaps(offset, length)
+
+    def drain_waiting(self) -> None:
+        """Start the held-back writes, in arrival order, as far as conflicts allow."""
         waiting = self.waiting
         while waiting:
-            kind, offset, length, data, flags, cb = waiting[0]
-            if rs is not None and rs.overlaps(offset, length):
+            item = waiting[0]
+            if self._conflicts(item[1], item[2]):
                 return
             waiting.popleft()
-            self._start(kind, offset, length, data, flags, cb)
+            self._start(*item)
 
     def _start(self, kind, offset, length, data, flags, cb) -> None:
         node = self.node
         req = Req(kind, offset, length, cb)
         node.note_local_write(offset, length)  # activity log first (may write metadata)
-        try:
-            if kind == WRITE:
-                self.disk.write(offset, data, bool(flags & 1))
-            elif kind == TRIM:
-                self.disk.trim(offset, length)
+        fua = bool(flags & 1)
+        if kind == WRITE and length >= ASYNC_LOCAL:
+            # large write: the local part runs in a thread while the packet is on its way
+            key = self._busy_seq
+            self._busy_seq += 1
+            self.local_busy[key] = (offset, offset + length)
+            node.run_io(lambda: self.disk.write(offset, data, fua),
+                        lambda exc: self._async_written(key, req, exc))
+        else:
+            try:
+                if kind == WRITE:
+                    self.disk.write(offset, data, fua)
+                elif kind == TRIM:
+                    self.disk.trim(offset, length)
+                else:
+                    self.disk.zero(offset, length, may_trim=not flags & 2,
+                                   fast=bool(flags & 16))
+            except OSError as exc:
+                req.err = nbd_error(exc)
+                if req.err != NbdErr.ENOTSUP:
+                    log.error("local %s at %d+%d failed: %s", kind, offset, length, exc)
+                cb(req.err)  # nothing was written locally, so nothing goes to the peer
+                return
+            if fua and kind != WRITE:  # FUA trim/zero: local durability too
+                node.run_io(self.disk.flush, lambda exc: self._local_complete(req, exc))
             else:
-                self.disk.zero(offset, length, may_trim=not flags & 2, fast=bool(flags & 16))
-        except OSError as exc:
-            req.err = nbd_error(exc)
-            if req.err != NbdErr.ENOTSUP:
-                log.error("local %s at %d+%d failed: %s", kind, offset, length, exc)
-            cb(req.err)  # nothing was written locally, so nothing goes to the peer
-            return
+                req.local_done = True
+        self._replicate(req, kind, offset, length, data, flags)
+
+    def _replicate(self, req: Req, kind, offset, length, data, flags) -> None:
+        node = self.node
         link = node.replicating_link()
         if link is None:
-            node.mark_out_of_sync(offset, length)
+            node.mark_out_of_sync(offset, length)  # before the request can complete
             self.writes_local_only += 1
-            if flags & 1 and kind != WRITE:
-                node.run_io(self.disk.flush, lambda exc: cb(0 if exc is None else nbd_error(exc)))
-                return
-            cb(0)
+            req.peer_done = True
+            if req.local_done:
+                req.cb(req.err)
             return
         pid = self.next_id
         self.next_id = pid + 1
-        req.local_done = True
         self.pending[pid] = req
         tl = self.tl.get(self.epoch)
         if tl is None:
@@ -130,9 +161,15 @@ class Replicator:
         else:
             link.send(_HDR(_MAGIC, _KIND_PACKET[kind], pflags, pid, offset, length, 0, 0))
         self.writes_replicated += 1
-        if flags & 1 and kind != WRITE:  # FUA trim/zero: local durability too
-            req.local_done = False
-            node.run_io(self.disk.flush, lambda exc: self._local_complete(req, exc))
+
+    def _async_written(self, key, req: Req, exc) -> None:
+        del self.local_busy[key]
+        if exc is not None:
+            log.error("local write at %d+%d failed: %s", req.offset, req.length, exc)
+            self.node.mark_out_of_sync(req.offset, req.length)
+        self._local_complete(req, exc)
+        if self.waiting:
+            self.drain_waiting()
 
     def _local_complete(self, req: Req, exc) -> None:
         if exc is not None:
@@ -225,64 +262,121 @@ class Replicator:
 
 
 class Applier:
-    """Secondary side: applies the primary's stream in order and acknowledges it."""
+    """Secondary side: applies the primary's stream in order and acknowledges it.
+
+    Small requests are applied inline, in stream order. A large write goes to the I/O
+    threads; until it has landed, any later packet that overlaps it (and everything behind
+    that packet, and any barrier) waits in a FIFO, so the disk sees the stream's order."""
+
+    _EVERYTHING = (0, 1 << 63)
 
     def __init__(self, node):
         self.node = node
         self.disk = node.disk
         self.writes_applied = 0
         self.bytes_applied = 0
+        self.busy: dict[int, tuple[int, int]] = {}
+        self._busy_seq = 0
+        self.queue: deque = deque()
 
     def _ack(self, link, ptype, pid, offset=0, size=0):
         link.send(_HDR(_MAGIC, ptype, 0, pid, offset, size, 0, 0))
 
-    def _check_role(self):
+    def _check(self, offset, size):
         if self.node.is_primary:
             raise proto.LinkProtocolError("received replicated data while Primary")
+        if offset + size > self.disk.size:
+            raise proto.LinkProtocolError(f"request at {offset}+{size} past the end")
 
     def on_data(self, link, flags, pid, offset, size, crc, payload):
-        self._check_role()
-        if offset + len(payload) > self.disk.size:
-            raise proto.LinkProtocolError(f"write at {offset}+{len(payload)} past the end")
+        self._check(offset, len(payload))
         if _crc(payload) != crc:
             # drop the link: the primary marks everything unacknowledged out of sync
             raise proto.LinkProtocolError(f"CRC32C mismatch in write at {offset}")
-        self._apply(link, pid, flags, offset, len(payload),
-                    lambda: self.disk.write(offset, payload))
-        self.bytes_applied += len(payload)
+        self._submit(link, P.DATA, pid, flags, offset, len(payload), payload)
 
     def on_trim(self, link, flags, pid, offset, size, crc, payload):
-        self._check_role()
-        self._apply(link, pid, flags, offset, size, lambda: self.disk.trim(offset, size))
+        self._check(offset, size)
+        self._submit(link, P.TRIM, pid, flags, offset, size, None)
 
     def on_zero(self, link, flags, pid, offset, size, crc, payload):
-        self._check_role()
-        self._apply(link, pid, flags, offset, size,
-                    lambda: self.disk.zero(offset, size, may_trim=not flags & proto.F_NO_HOLE))
-
-    def _apply(self, link, pid, flags, offset, size, op):
-        if offset + size > self.disk.size:
-            raise proto.LinkProtocolError(f"request at {offset}+{size} past the end")
-        try:
-            op()
-        except OSError as exc:
-            log.error("applying write at %d+%d failed: %s", offset, size, exc)
-            self._ack(link, P.NEG_ACK, pid, offset, exc.errno or 5)
-            return
-        self.writes_applied += 1
-        self.node.note_applied(offset, size)
-        if flags & proto.F_FUA:
-            self.node.run_io(self.disk.flush, lambda exc: self._ack(
-                link, P.WRITE_ACK if exc is None else P.NEG_ACK, pid, offset, 0))
-        else:
-            self._ack(link, P.WRITE_ACK, pid)
+        self._check(offset, size)
+        self._submit(link, P.ZERO, pid, flags, offset, size, None)
 
     def on_barrier(self, link, flags, pid, offset, size, crc, payload):
-        # every write of the epoch was applied inline before this packet was parsed
-        if flags & proto.F_FLUSH:
-            self.node.run_io(self.disk.flush, lambda exc: self._barrier_done(link, pid, exc))
+        self._submit(link, P.BARRIER, pid, flags, *self._EVERYTHING, None)
+
+    def _overlaps(self, offset, size) -> bool:
+        end = offset + size
+        for s, e in self.busy.values():
+            if s < end and offset < e:
+                return True
+        return False
+
+    def _submit(self, link, ptype, pid, flags, offset, size, payload):
+        if self.queue or (self.busy and self._overlaps(offset, size)):
+            if payload is not None and link.owns(payload):
+                payload = bytes(payload)  # the receive ring is reused
+            self.queue.append((link, ptype, pid, flags, offset, size, payload))
+            return
+        self._run(link, ptype, pid, flags, offset, size, payload)
+
+    def _drain(self):
+        queue = self.queue
+        while queue:
+            item = queue[0]
+            if self.busy and self._overlaps(item[4], item[5]):
+                return
+            queue.popleft()
+            self._run(*item)
+
+    def _run(self, link, ptype, pid, flags, offset, size, payload):
+        disk = self.disk
+        if ptype == P.BARRIER:
+            # every write before the barrier has been applied (nothing is busy)
+            if flags & proto.F_FLUSH:
+                self.node.run_io(disk.flush, lambda exc: self._barrier_done(link, pid, exc))
+            else:
+                self._ack(link, P.BARRIER_ACK, pid)
+            return
+        if ptype == P.DATA and size >= ASYNC_LOCAL:
+            if link.owns(payload):
+                payload = bytes(payload)
+            key = self._busy_seq
+            self._busy_seq += 1
+            self.busy[key] = (offset, offset + size)
+            self.node.run_io(lambda: disk.write(offset, payload),
+                             lambda exc: self._written(key, link, pid, flags, offset, size, exc))
+            return
+        try:
+            if ptype == P.DATA:
+                disk.write(offset, payload)
+            elif ptype == P.TRIM:
+                disk.trim(offset, size)
+            else:
+                disk.zero(offset, size, may_trim=not flags & proto.F_NO_HOLE)
+        except OSError as exc:
+            self._written(None, link, pid, flags, offset, size, exc)
+            return
+        self._written(None, link, pid, flags, offset, size, None)
+
+    def _written(self, key, link, pid, flags, offset, size, exc):
+        if key is not None:
+            del self.busy[key]
+        if exc is not None:
+            log.error("applying write at %d+%d failed: %s", offset, size, exc)
+            self._ack(link, P.NEG_ACK, pid, offset, getattr(exc, "errno", None) or 5)
         else:
-            self._ack(link, P.BARRIER_ACK, pid)
+            self.writes_applied += 1
+            self.bytes_applied += size
+            self.node.note_applied(offset, size)
+            if flags & proto.F_FUA:
+                self.node.run_io(self.disk.flush, lambda e: self._ack(
+                    link, P.WRITE_ACK if e is None else P.NEG_ACK, pid, offset, 0))
+            else:
+                self._ack(link, P.WRITE_ACK, pid)
+        if key is not None and self.queue:
+            self._drain()
 
     def _barrier_done(self, link, epoch, exc):
         if exc is not None:
@@ -290,4 +384,3 @@ class Applier:
             link.abort(f"flush failed: {exc}")
             return
         self._ack(link, P.BARRIER_ACK, epoch)
-

@@ -83,6 +83,7 @@ class ResyncSource:
         budget_start = t_start
         sent_for_rate = 0
         while True:
+            busy = False
             for off, ln in list(self.bitmap.byte_runs(CHUNK)):
                 while not self.cancelled and not link.closed and (
                         len(self.inflight) >= self._window() or link.congested):
@@ -98,6 +99,9 @@ class ResyncSource:
                     if self.cancelled or link.closed:
                         return False
                     sent_for_rate += ln
+                if node.replicator.local_busy and node.replicator.local_overlaps(off, ln):
+                    busy = True  # an application write is landing there: next pass
+                    continue
                 self._send_one(off, ln)
             while self.inflight and not self.cancelled and not link.closed:
                 self.wake.clear()
@@ -106,7 +110,8 @@ class ResyncSource:
                 return False
             if self.bitmap.count() == 0:
                 return True
-            await asyncio.sleep(0)  # bits came back (a failed block): go round again
+            # bits remain (skipped busy ranges, a failed block): go round again
+            await asyncio.sleep(0.001 if busy else 0)
 
     def _window(self) -> int:
         # leave the application its share: shrink to one request while writes queue up

@@ -206,7 +206,8 @@ def test_peer_lost_during_random_writes_bitmap_resync(cluster, tmp_path, how):
                                "--size=200M", "--io_size=64M", "--norandommap=0",
                                "--randrepeat=0")
     try:
-        fast_wait(c, "beta", lambda s: s["counters"]["writes_applied"] >= 500, 30,
+        # lose the peer a quarter into the run: the writes before are replicated
+        fast_wait(c, "beta", lambda s: s["counters"]["writes_applied"] >= 4096, 30,
                   "writes reaching the secondary")
         assert proc.poll() is None, "fio finished before the peer was lost"
         if how == "sigkill":
@@ -338,10 +339,8 @@ def test_failover_and_return_of_old_primary_as_sync_target(cluster):
 
 # -- 4. split brain: detected, both keep their data, resolved by hand ---------------------------
 
-def test_split_brain_detected_then_resolved_with_discard_my_data(cluster):
-    require_tool("qemu-io", "cmp")
-    c = cluster(size="256M")
-    c.up_pair()
+def _diverge(c) -> None:
+    """Cut the link, make both nodes Primary, write different data on each."""
     for n in c.NODES:
         c.cli(n, "disconnect")
     for n in c.NODES:
@@ -353,19 +352,17 @@ def test_split_brain_detected_then_resolved_with_discard_my_data(cluster):
     qemu_io(c.uri("alpha"), f"write -P 0xa4 0 {2 * MiB}")
     qemu_io(c.uri("beta"), f"write -P 0xb4 {MiB} {2 * MiB}")
 
-    for n in c.NODES:
-        c.cli(n, "connect")
+
+def _wait_split_brain(c, timeout: float) -> None:
     for n in c.NODES:
         s = c.wait_status(n, lambda s: "split brain" in s["last_error"].lower() and
-                          s["connection"] == "StandAlone", 30,
+                          s["connection"] == "StandAlone", timeout,
                           "split brain reported and StandAlone")
-        assert s["role"] == "Primary" and s["replication"] == "Off", s
+        assert s["replication"] == "Off", s
         assert s["decision"]["strategy"] == "split-brain", s["decision"]
-    # both kept their own data
-    qemu_io(c.uri("alpha"), f"read -P 0xa4 0 {2 * MiB}", f"read -P 0 {2 * MiB} {MiB}")
-    qemu_io(c.uri("beta"), f"read -P 0 0 {MiB}", f"read -P 0xb4 {MiB} {2 * MiB}")
 
-    c.cli("beta", "secondary")
+
+def _resolve_alpha_wins(c) -> None:
     c.cli("beta", "connect", "--discard-my-data")
     c.cli("alpha", "connect")
     b = c.wait_status("beta", lambda s: synced(s) and s["disk"] == "UpToDate", 60,
@@ -380,6 +377,48 @@ def test_split_brain_detected_then_resolved_with_discard_my_data(cluster):
     assert read_at(c.disk("beta"), 0, 2 * MiB) == b"\xa4" * (2 * MiB)
     assert read_at(c.disk("beta"), 2 * MiB, MiB) == bytes(MiB)
     qemu_io(c.uri("alpha"), f"read -P 0xa4 0 {2 * MiB}", f"read -P 0 {2 * MiB} {MiB}")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: two Primaries with diverged data never detect "
+                   "split brain: Node.on_link_established refuses 'both nodes are Primary' "
+                   "(standalone=False) before running state.decide, so alpha redials every "
+                   "connect-interval forever and neither node reports split brain nor goes "
+                   "StandAlone")
+def test_split_brain_both_primary_detected_then_resolved(cluster):
+    require_tool("qemu-io", "cmp")
+    c = cluster(size="256M")
+    c.up_pair()
+    _diverge(c)
+    for n in c.NODES:
+        c.cli(n, "connect")
+    _wait_split_brain(c, 10)  # a connect attempt every 0.5 s: detection is immediate
+    for n in c.NODES:
+        assert c.status(n)["role"] == "Primary"
+    # both kept their own data
+    qemu_io(c.uri("alpha"), f"read -P 0xa4 0 {2 * MiB}", f"read -P 0 {2 * MiB} {MiB}")
+    qemu_io(c.uri("beta"), f"read -P 0 0 {MiB}", f"read -P 0xb4 {MiB} {2 * MiB}")
+    c.cli("beta", "secondary")
+    _resolve_alpha_wins(c)
+
+
+def test_split_brain_after_demotion_detected_then_resolved(cluster):
+    """The same divergence, but beta is demoted before the nodes reconnect (one Primary:
+    after-sb-1pri defaults to disconnect)."""
+    require_tool("qemu-io", "cmp")
+    c = cluster(size="256M")
+    c.up_pair()
+    _diverge(c)
+    c.cli("beta", "secondary")
+    for n in ("beta", "alpha"):
+        c.cli(n, "connect")
+    _wait_split_brain(c, 30)
+    assert c.status("alpha")["role"] == "Primary"
+    assert c.status("beta")["role"] == "Secondary"
+    # both kept their own data (beta, now Secondary, serves no NBD: read its disk)
+    qemu_io(c.uri("alpha"), f"read -P 0xa4 0 {2 * MiB}", f"read -P 0 {2 * MiB} {MiB}")
+    assert read_at(c.disk("beta"), 0, MiB) == bytes(MiB)
+    assert read_at(c.disk("beta"), MiB, 2 * MiB) == b"\xb4" * (2 * MiB)
+    _resolve_alpha_wins(c)
 
 
 # -- 5. online verify finds exactly the flipped blocks; resync repairs them ---------------------
@@ -492,10 +531,10 @@ def test_fio_verify_during_full_resync(cluster, tmp_path):
     t0 = time.monotonic()
     rep = fio(tmp_path, c.uri("alpha"), "during-resync", "--rw=randwrite",
               "--bsrange=4k-64k", "--iodepth=16", "--offset=0",
-              f"--size={size // (64 * 1024) * 64 * 1024}", "--io_size=32M",
+              f"--size={size // (64 * 1024) * 64 * 1024}", "--io_size=128M",
               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
     t_fio = time.monotonic() - t0
-    assert fio_bytes_written(rep) == 32 * MiB
+    assert fio_bytes_written(rep) >= 128 * MiB
     during = admin(c, "alpha")
     a = c.wait_status("alpha", synced, 90, "full resync done")
     c.wait_status("beta", lambda s: established(s) and s["disk"] == "UpToDate", 30,

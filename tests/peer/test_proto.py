@@ -1,0 +1,332 @@
+"""blockrep.peer.proto: header framing against hand-built bytes, control messages, data CRCs
+and the authentication MAC (docs/wire-protocol.md).
+
+Expected bytes are assembled with struct and MAGIC, never with the encoder. Decoders must
+raise nothing but LinkProtocolError on arbitrary input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockrep import native
+from blockrep.peer import proto
+from blockrep.peer.proto import (
+    CONTROL_TYPES,
+    DATA_TYPES,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_CONTROL,
+    MAX_PAYLOAD,
+    LinkProtocolError,
+    P,
+    auth_ok,
+    auth_response,
+    check_crc,
+    data_header,
+    decode_control,
+    encode_control,
+    need,
+    pack_header,
+    unpack_header,
+)
+
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+u64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)
+SETTINGS = settings(max_examples=200, deadline=None)
+
+
+def hand_header(ptype, flags=0, pid=0, offset=0, size=0, paylen=0, crc=0, magic=MAGIC):
+    return (struct.pack(">I", magic) + struct.pack(">H", ptype) + struct.pack(">H", flags)
+            + struct.pack(">Q", pid) + struct.pack(">Q", offset) + struct.pack(">I", size)
+            + struct.pack(">I", paylen) + struct.pack(">I", crc))
+
+
+# -- constants ---------------------------------------------------------------------------------
+
+def test_constants():
+    assert struct.pack(">I", MAGIC) == b"BREP"
+    assert HEADER_SIZE == 36
+    assert proto.CHALLENGE_LEN == 32
+    assert CONTROL_TYPES == {P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL}
+    assert DATA_TYPES == {P.DATA, P.RS_DATA}
+    assert not CONTROL_TYPES & DATA_TYPES
+
+
+# -- header ------------------------------------------------------------------------------------
+
+def test_pack_header_known_answer():
+    got = pack_header(P.DATA, flags=proto.F_FUA, pid=0x0102030405060708,
+                      offset=0x1122334455667788, size=4096, paylen=4096, crc=0xCAFEBABE)
+    assert got == (b"BREP" + b"\x00\x0a" + b"\x00\x01"
+                   + bytes.fromhex("0102030405060708") + bytes.fromhex("1122334455667788")
+                   + b"\x00\x00\x10\x00" + b"\x00\x00\x10\x00" + b"\xca\xfe\xba\xbe")
+    assert len(got) == HEADER_SIZE
+
+
+def test_pack_header_defaults():
+    assert pack_header(P.PING) == b"BREP" + b"\x00\x1e" + bytes(30)
+
+
+@pytest.mark.parametrize("ptype", list(P))
+def test_unpack_known_answer(ptype):
+    buf = hand_header(ptype, 3, 7, 8192, 512, 12, 0xFFFFFFFF)
+    assert unpack_header(buf) == (ptype, 3, 7, 8192, 512, 12, 0xFFFFFFFF)
+
+
+def test_unpack_at_position_and_from_buffers():
+    h = hand_header(P.RS_ACK, 0, 99, 4096, 4096, 0, 0)
+    buf = b"\xee" * 5 + h + b"\xdd" * 3
+    assert unpack_header(buf, 5) == (P.RS_ACK, 0, 99, 4096, 4096, 0, 0)
+    assert unpack_header(bytearray(buf), 5)[2] == 99
+    assert unpack_header(memoryview(buf), 5)[2] == 99
+
+
+@SETTINGS
+@given(u16, u16, u64, u64, u32, st.integers(0, MAX_CONTROL), u32)
+def test_header_round_trip(ptype, flags, pid, offset, size, paylen, crc):
+    buf = pack_header(ptype, flags, pid, offset, size, paylen, crc)
+    assert buf == hand_header(ptype, flags, pid, offset, size, paylen, crc)
+    assert unpack_header(buf) == (ptype, flags, pid, offset, size, paylen, crc)
+
+
+@pytest.mark.parametrize("magic", [0, 0x42524551, 0x50455242, 0xFFFFFFFF])
+def test_bad_magic(magic):
+    with pytest.raises(LinkProtocolError, match="magic"):
+        unpack_header(hand_header(P.PING, magic=magic))
+
+
+@pytest.mark.parametrize("ptype", sorted(CONTROL_TYPES))
+def test_control_paylen_limit(ptype):
+    assert unpack_header(hand_header(ptype, paylen=MAX_CONTROL))[5] == MAX_CONTROL
+    with pytest.raises(LinkProtocolError, match="too large"):
+        unpack_header(hand_header(ptype, paylen=MAX_CONTROL + 1))
+    with pytest.raises(LinkProtocolError, match="too large"):
+        unpack_header(hand_header(ptype, paylen=0xFFFFFFFF))
+
+
+@pytest.mark.parametrize("ptype", [P.DATA, P.RS_DATA, P.OV_REPLY, P.PING, 999])
+def test_data_paylen_limit(ptype):
+    assert unpack_header(hand_header(ptype, paylen=MAX_PAYLOAD))[5] == MAX_PAYLOAD
+    with pytest.raises(LinkProtocolError, match="too large"):
+        unpack_header(hand_header(ptype, paylen=MAX_PAYLOAD + 1))
+    with pytest.raises(LinkProtocolError, match="too large"):
+        unpack_header(hand_header(ptype, paylen=0xFFFFFFFF))
+
+
+def test_limits_are_sane():
+    assert MAX_PAYLOAD >= 32 * 1024 * 1024  # a full NBD write fits one packet
+    assert MAX_CONTROL < 0xFFFFFFFF
+
+
+# -- control messages --------------------------------------------------------------------------
+
+BODIES = [
+    {},
+    {"op": "state", "role": "Primary", "disk": "UpToDate"},
+    {"gen": [1, 2, [3, 4]], "bitmap": [0, 10, 100, 5], "was_primary": True},
+    {"challenge": b"\x00" * 32, "nested": {"a": [None, 1.5, -7]}},
+    {1: "int keys", "big": 2**64 - 1, "neg": -(2**63)},
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_encode_control_known_bytes(body):
+    buf = encode_control(P.HELLO, body)
+    payload = msgpack.packb(body, use_bin_type=True)
+    assert buf == hand_header(P.HELLO, paylen=len(payload)) + payload
+    hdr = unpack_header(buf)
+    assert hdr[0] == P.HELLO and hdr[5] == len(buf) - HEADER_SIZE
+    assert decode_control(buf[HEADER_SIZE:]) == body
+
+
+def test_decode_control_memoryview():
+    buf = encode_control(P.CONTROL, {"op": "x"})
+    assert decode_control(memoryview(buf)[HEADER_SIZE:]) == {"op": "x"}
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
+    | st.binary(max_size=40) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
+                                                                max_size=5),
+    max_leaves=20)
+
+
+@SETTINGS
+@given(st.dictionaries(st.text(max_size=10), json_like, max_size=8))
+def test_control_round_trip(body):
+    buf = encode_control(P.STATE, body)
+    assert decode_control(buf[HEADER_SIZE:]) == body
+
+
+@pytest.mark.parametrize("value", [[], [1, 2], "map", 5, None, b"bytes", 1.5, True])
+def test_non_map_control(value):
+    with pytest.raises(LinkProtocolError, match="not a map"):
+        decode_control(msgpack.packb(value, use_bin_type=True))
+
+
+@pytest.mark.parametrize("payload", [
+    b"",                        # nothing
+    b"\x81",                    # map of one, truncated
+    b"\x81\xa1a",               # key without value
+    b"\xc1",                    # never-used code
+    b"\x80\x80",                # trailing data
+    b"\x81\x91\x01\x02",        # a list as a map key (unhashable)
+    b"\xdd\xff\xff\xff\xff",    # array32 claiming 4 billion items
+    b"\xdf\xff\xff\xff\xff",    # map32 claiming 4 billion entries
+    b"\xdb\xff\xff\xff\xff",    # str32 claiming 4 GiB
+    b"\x81\xa1k\xa2\xff\xfe",   # invalid UTF-8 in a str
+    b"\x91" * 5000 + b"\xc0",   # deep nesting
+])
+def test_garbage_control(payload):
+    with pytest.raises(LinkProtocolError):
+        decode_control(payload)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_decode_control_arbitrary_bytes(data):
+    try:
+        body = decode_control(data)
+    except LinkProtocolError:
+        return
+    assert isinstance(body, dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), json_like, min_size=1, max_size=4),
+       st.data())
+def test_decode_control_mutated(body, data):
+    buf = bytearray(msgpack.packb(body, use_bin_type=True))
+    i = data.draw(st.integers(0, len(buf) - 1))
+    buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(buf)))
+    try:
+        out = decode_control(bytes(buf[:cut]))
+    except LinkProtocolError:
+        return
+    assert isinstance(out, dict)
+
+
+# -- data packets ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"", b"a", b"123456789", bytes(4096), bytes(range(256)) * 16])
+def test_data_header(payload):
+    h = data_header(P.DATA, 42, 8192, payload, flags=proto.F_FUA)
+    crc = native.crc32c(payload)
+    assert h == hand_header(P.DATA, proto.F_FUA, 42, 8192, len(payload), len(payload), crc)
+    assert check_crc(payload, crc)
+    assert not check_crc(payload + b"x", crc)
+
+
+def test_crc32c_check_value():
+    # the standard CRC-32C check value: the header CRC really is Castagnoli
+    h = data_header(P.RS_DATA, 1, 0, b"123456789")
+    assert unpack_header(h)[6] == 0xE3069283
+    assert native.py_crc32c(b"123456789") == 0xE3069283
+
+
+@SETTINGS
+@given(st.binary(max_size=3000), u64, u64)
+def test_data_header_crc_matches_python_crc32c(payload, pid, offset):
+    h = data_header(P.DATA, pid, offset, memoryview(payload))
+    ptype, flags, pid2, off2, size, paylen, crc = unpack_header(h)
+    assert (ptype, flags, pid2, off2, size, paylen) == (P.DATA, 0, pid, offset, len(payload),
+                                                        len(payload))
+    assert crc == native.py_crc32c(payload)
+
+
+def test_check_crc_single_bit_flip():
+    payload = bytearray(b"x" * 4096)
+    crc = native.crc32c(payload)
+    for i in (0, 100, 4095):
+        payload[i] ^= 1
+        assert not check_crc(payload, crc)
+        payload[i] ^= 1
+    assert check_crc(payload, crc)
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+CH = bytes(range(32))
+
+
+def test_auth_response_known_answer():
+    msg = b"blockrep-auth-v1\x00" + CH + b"\x00" + b"alpha" + b"\x00" + b"r0"
+    expected = hmac.new(b"s3cret", msg, hashlib.sha256).digest()
+    assert auth_response("s3cret", CH, "alpha", "r0") == expected
+    assert len(expected) == 32
+
+
+def test_auth_ok_correct():
+    r = auth_response("s3cret", CH, "alpha", "r0")
+    assert auth_ok("s3cret", CH, "alpha", "r0", r)
+    assert auth_ok("s3cret", CH, "alpha", "r0", bytearray(r))
+    assert auth_ok("s3cret", CH, "alpha", "r0", memoryview(r))
+
+
+@pytest.mark.parametrize("secret, challenge, responder, resource", [
+    ("s3creT", CH, "alpha", "r0"),          # wrong secret
+    ("", CH, "alpha", "r0"),
+    ("s3cret", CH[::-1], "alpha", "r0"),    # other challenge (replay)
+    ("s3cret", CH[:-1], "alpha", "r0"),
+    ("s3cret", CH, "beta", "r0"),           # reflected back by the other node
+    ("s3cret", CH, "alpha", "r1"),          # other resource
+    ("s3cret", CH, "alpha\x00r0", ""),      # field boundaries shifted
+])
+def test_auth_wrong_inputs_fail(secret, challenge, responder, resource):
+    r = auth_response("s3cret", CH, "alpha", "r0")
+    assert not auth_ok(secret, challenge, responder, resource, r)
+    assert auth_response(secret, challenge, responder, resource) != r or \
+        (responder, resource) == ("alpha\x00r0", "")
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda r: r[:-1], lambda r: r + b"\x00", lambda r: b"", lambda r: bytes(32),
+    lambda r: bytes([r[0] ^ 1]) + r[1:], lambda r: r[:-1] + bytes([r[-1] ^ 0x80]),
+])
+def test_auth_wrong_response_fails(mangle):
+    r = auth_response("s3cret", CH, "alpha", "r0")
+    assert not auth_ok("s3cret", CH, "alpha", "r0", mangle(r))
+
+
+@SETTINGS
+@given(st.text(min_size=1, max_size=20), st.binary(min_size=32, max_size=32),
+       st.text(max_size=10), st.text(max_size=10), st.binary(max_size=40))
+def test_auth_random_response_rejected(secret, challenge, who, res, response):
+    good = auth_response(secret, challenge, who, res)
+    assert auth_ok(secret, challenge, who, res, good)
+    if response != good:
+        assert not auth_ok(secret, challenge, who, res, response)
+
+
+def test_auth_unicode_names():
+    r = auth_response("sécret", CH, "nöde", "rés")
+    assert auth_ok("sécret", CH, "nöde", "rés", r)
+    assert not auth_ok("secret", CH, "nöde", "rés", r)
+
+
+# -- need() ------------------------------------------------------------------------------------
+
+def test_need_returns_value():
+    body = {"challenge": b"x" * 32, "size": 10, "name": "a", "gen": [1, 2, []]}
+    assert need(body, "challenge", bytes) == b"x" * 32
+    assert need(body, "size", int) == 10
+    assert need(body, "name", str) == "a"
+    assert need(body, "gen", (list, tuple)) == [1, 2, []]
+
+
+@pytest.mark.parametrize("body", [{}, {"challenge": None}, {"challenge": "text"},
+                                  {"challenge": 5}, {"other": b"x"}])
+def test_need_missing_or_wrong_type(body):
+    with pytest.raises(LinkProtocolError, match="'challenge'"):
+        need(body, "challenge", bytes)
