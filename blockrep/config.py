@@ -24,6 +24,7 @@ RESOURCE_KEYS = {
     "after-sb-0pri": str, "after-sb-1pri": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str}
+MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
 SB_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes",
                "discard-younger-primary", "discard-secondary")
 
@@ -107,8 +108,10 @@ def load(path: str) -> ResourceConfig:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     return parse(raw, path)
 
 
@@ -128,6 +131,8 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
     name = res["name"]
     if not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"{path}: resource.name {name!r}: use letters, digits, - _ .")
+    if len(name.encode()) > MAX_NAME:
+        raise ConfigError(f"{path}: resource.name is longer than {MAX_NAME} bytes")
     protocol = res.get("protocol", "C")
     if protocol != "C":
         raise ConfigError(f"{path}: resource.protocol {protocol!r}: only protocol C is "
@@ -138,6 +143,8 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
     nodes = {}
     for nname, table in nodes_raw.items():
         where = f"{path}: node.{nname}"
+        if len(nname.encode()) > MAX_NAME:
+            raise ConfigError(f"{where}: node name is longer than {MAX_NAME} bytes")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         _check_keys(table, NODE_KEYS, where)

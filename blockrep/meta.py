@@ -58,6 +58,7 @@ _DISK_STATES = [DiskState.INCONSISTENT, DiskState.OUTDATED, DiskState.UP_TO_DATE
 # history 4Q | resource 64s | node 64s
 _SB = struct.Struct("<8sIIQQQIIIIIIQQ4Q64s64s")
 _SB_CRC = struct.Struct("<I")
+SB_CRC_AT = 508  # CRC32C of bytes 0..507 (record + zero padding) sits in the sector's end
 _AL_HDR = struct.Struct("<IQII")  # magic, seq, count, reserved; then count u32; crc at end
 
 
@@ -103,18 +104,20 @@ class Superblock:
                        _DISK_STATES.index(self.disk_state), self.bitmap_crc,
                        self.gen.current, self.gen.bitmap, *hist, self.resource.encode(),
                        self.node.encode())
+        rec = rec + bytes(SB_CRC_AT - len(rec))  # the whole sector is checksummed
         rec += _SB_CRC.pack(native.crc32c(rec))
-        assert len(rec) <= 512
         return rec + bytes(SB_SIZE - len(rec))
 
     @classmethod
     def decode(cls, buf: bytes, where: str) -> "Superblock | None":
         """None if no metadata is there at all; MetaError if it is corrupt."""
         if buf[:8] != MAGIC:
+            if any(buf[:512]):
+                raise MetaError(f"metadata on {where} is corrupt (superblock magic damaged); "
+                                f"refusing to start")
             return None
-        n = _SB.size
-        (crc,) = _SB_CRC.unpack_from(buf, n)
-        if native.crc32c(buf[:n]) != crc:
+        (crc,) = _SB_CRC.unpack_from(buf, SB_CRC_AT)
+        if native.crc32c(buf[:SB_CRC_AT]) != crc:
             raise MetaError(f"metadata on {where} is corrupt (superblock checksum mismatch); "
                             f"refusing to start. Inspect with 'blockrep dump-md'; recreate "
                             f"with 'blockrep create-md --force' only if the data is expendable")
@@ -258,7 +261,7 @@ class MetaStore:
                                 f"clean shutdown); refusing to start")
         self.al_seq, self.al_recovered = self._read_al()
         self.al: OrderedDict[int, int] = OrderedDict()  # extent -> epoch of its last write
-        self.al_limit = sb.al_extents
+        self.al_limit = min(sb.al_extents, AL_MAX_PER_SLOT)
         self.al_writes = 0
         self.bitmap_writes = 0
         self._last_bitmap_flush = time.monotonic()
@@ -374,9 +377,20 @@ class MetaStore:
             return
         # evict cold extents whose writes the peer has durably acknowledged
         while len(al) > self.al_limit:
-            victim = next((e for e, ep in al.items() if ep < oldest_unacked), None)
-            if victim is None or victim >= first and victim <= last:
+            victim = next((e for e, ep in al.items()
+                           if ep < oldest_unacked and not first <= e <= last), None)
+            if victim is None:
                 break  # soft limit: everything is busy
+            self._flush_bitmap_range(victim * AL_EXTENT, AL_EXTENT)
+            del al[victim]
+        # hard limit: one transaction must describe the whole AL. Past it, the oldest
+        # extents leave anyway, marked out of sync (a later resync copies them needlessly,
+        # but nothing that may differ is forgotten)
+        while len(al) > AL_MAX_PER_SLOT:
+            victim = next(iter(al))
+            log.warning("activity log full of unacknowledged extents: extent %d marked out "
+                        "of sync", victim)
+            self.bitmap.set_range(victim * AL_EXTENT, AL_EXTENT)
             self._flush_bitmap_range(victim * AL_EXTENT, AL_EXTENT)
             del al[victim]
         self._write_al()

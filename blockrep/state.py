@@ -116,8 +116,13 @@ class Decision:
 
 
 def decide(me: Generation, peer: Generation, *, my_bits: bool, peer_bits: bool,
-           i_was_primary: bool, peer_was_primary: bool) -> Decision:
-    """Which way to sync on connect. First matching rule wins (DRBD's uuid comparison)."""
+           i_was_primary: bool, peer_was_primary: bool,
+           i_win_ties: bool = True) -> Decision:
+    """Which way to sync on connect. First matching rule wins (DRBD's uuid comparison).
+
+    `i_win_ties` must be True on exactly one of the two nodes (the node with the lower
+    name): it breaks the one tie the data cannot (same generation, both sides changed
+    blocks, neither or both were Primary), so both sides reach mirrored decisions."""
     if me.current == 0 and peer.current == 0:
         return Decision(Strategy.BOTH_NEW, "both-current-zero")
     if me.current == 0:
@@ -133,8 +138,11 @@ def decide(me: Generation, peer: Generation, *, my_bits: bool, peer_bits: bool,
             return Decision(Strategy.SOURCE, "current-equal-i-was-primary")
         if peer_was_primary and not i_was_primary:
             return Decision(Strategy.TARGET, "current-equal-peer-was-primary")
-        return Decision(Strategy.SOURCE if my_bits else Strategy.TARGET,
-                        "current-equal-bits-set")
+        if my_bits != peer_bits:
+            return Decision(Strategy.SOURCE if my_bits else Strategy.TARGET,
+                            "current-equal-bits-set")
+        return Decision(Strategy.SOURCE if i_win_ties else Strategy.TARGET,
+                        "current-equal-bits-set-tie")
     if me.bitmap and me.bitmap == peer.current:
         return Decision(Strategy.SOURCE, "my-bitmap-equals-peer-current")
     if peer.bitmap and peer.bitmap == me.current:

@@ -34,7 +34,7 @@ from blockrep.state import DiskState, Generation
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-REC = 244  # superblock record: 240 bytes of fields + CRC32C
+REC = 512  # superblock sector: 240 bytes of fields, zero padding, CRC32C at 508
 
 
 def make_cfg(tmp_path, *, name="r0", size=SIZE, external=False, names=("a", "b")):
@@ -316,9 +316,6 @@ def test_magic_byte_flip_refused(created, copy):
         assert msg is not None and "refusing to start" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a flipped magic byte in one superblock copy "
-                   "is reported as 'only one superblock copy (the other was overwritten)' "
-                   "instead of corruption")
 def test_magic_byte_flip_reported_as_corrupt(created):
     cfg, node = created
     path, off, _, _ = md_loc(node)
@@ -327,9 +324,6 @@ def test_magic_byte_flip_reported_as_corrupt(created):
     assert msg is not None and "corrupt" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bytes 244..511 of a superblock copy (the rest "
-                   "of its 512-byte sector, documented as zero) are not checked: a flip there "
-                   "goes unnoticed")
 @pytest.mark.parametrize("copy", [0, 1])
 def test_sector_padding_flip_detected(created, copy):
     cfg, node = created
@@ -458,8 +452,9 @@ def test_superblock_encode_decode_round_trip():
     assert len(buf) == SB_SIZE
     assert buf[:8] == b"BREPMETA"
     assert buf[REC:] == bytes(SB_SIZE - REC)
-    (crc,) = struct.unpack_from("<I", buf, 240)
-    assert crc == native.crc32c(buf[:240])
+    assert buf[240:508] == bytes(268)
+    (crc,) = struct.unpack_from("<I", buf, 508)
+    assert crc == native.crc32c(buf[:508])
     back = Superblock.decode(buf, "x")
     for k in ("flags", "seq", "data_size", "md_size", "al_extents", "disk_state",
               "bitmap_crc", "gen", "resource", "node"):
@@ -467,22 +462,15 @@ def test_superblock_encode_decode_round_trip():
     assert Superblock.decode(bytes(SB_SIZE), "x") is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: resource/node names longer than 64 bytes are "
-                   "silently truncated in the superblock: create-md succeeds but the "
-                   "metadata can never be opened (foreign-metadata error)")
 @pytest.mark.parametrize("which", ["resource", "node"])
-def test_long_names_round_trip(tmp_path, which):
-    if which == "resource":
-        cfg = make_cfg(tmp_path, name="r" * 70, external=True)
-        node = cfg.nodes["a"]
-    else:
-        cfg = make_cfg(tmp_path, names=("n" * 70, "b"), external=True)
-        node = cfg.nodes["n" * 70]
-    try:
-        create_md(cfg, node)
-    except MetaError:
-        return  # refusing up front would be fine
-    open_store(cfg, node).close()
+def test_long_names_are_refused_by_the_config(tmp_path, which):
+    """Names are stored in 64-byte fields: the configuration refuses longer ones up front."""
+    from blockrep.config import ConfigError
+    with pytest.raises(ConfigError, match="longer than 63 bytes"):
+        if which == "resource":
+            make_cfg(tmp_path, name="r" * 70, external=True)
+        else:
+            make_cfg(tmp_path, names=("n" * 70, "b"), external=True)
 
 
 # -- activity log ------------------------------------------------------------------------------
@@ -734,9 +722,6 @@ def test_eviction_is_lru(created):
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an AL transaction holds at most 1018 extents; "
-                   "when more are active (soft limit exceeded) _write_al silently drops the "
-                   "rest and a crash loses their out-of-sync marks")
 def test_more_active_extents_than_one_transaction_holds(tmp_path):
     n = meta.AL_MAX_PER_SLOT + 2
     cfg = make_cfg(tmp_path, external=True, size=(n + 1) * AL_EXTENT)
@@ -745,11 +730,14 @@ def test_more_active_extents_than_one_transaction_holds(tmp_path):
     store = open_store(cfg, node)
     # one epoch, nothing acknowledged: no extent can leave the AL
     store.activity(0, n * AL_EXTENT, epoch=1, oldest_unacked=1)
-    assert len(store.al) == n
+    # one transaction holds AL_MAX_PER_SLOT extents; the oldest left, marked out of sync
+    assert len(store.al) == meta.AL_MAX_PER_SLOT
+    assert store.bitmap.test(0) and store.bitmap.test(AL_EXTENT)
     store.close()  # crash
     store = open_store(cfg, node)
     try:
-        assert store.bitmap.test((n - 1) * AL_EXTENT)
+        for ext in (0, 1, n // 2, n - 1):  # every extent is covered after the crash
+            assert store.bitmap.test(ext * AL_EXTENT), ext
     finally:
         store.close()
 

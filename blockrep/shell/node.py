@@ -304,7 +304,8 @@ class Node:
                       peer_bits=peer_bits.count() > 0,
                       i_was_primary=self.was_primary_flag or self.is_primary,
                       peer_was_primary=bool(body.get("was_primary")) or
-                      peer_role == Role.PRIMARY)
+                      peer_role == Role.PRIMARY,
+                      i_win_ties=self.name < self.peer_cfg.name)
         d = self._apply_overrides(d, body, peer_bits)
         self.decision = d
         log.info("connected to %s (%s, %s, gen %s); my gen %s; decision: %s",

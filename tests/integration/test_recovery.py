@@ -78,7 +78,7 @@ class Events:
                 return None
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 return None
@@ -111,7 +111,7 @@ def fio_argv(tmp_path, uri: str, name: str, *opts: str) -> tuple[list[str], str]
 def fio(tmp_path, uri: str, name: str, *opts: str, timeout: float = 120) -> dict:
     argv, out = fio_argv(tmp_path, uri, name, *opts)
     res = subprocess.run(argv, cwd=str(tmp_path), capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, check=False)
     return check_fio(res.returncode, res.stdout, res.stderr, out)
 
 
@@ -122,7 +122,10 @@ def fio_background(tmp_path, uri: str, name: str, *opts: str):
 
 
 def check_fio(rc: int, stdout: str, stderr: str, out: str) -> dict:
-    text = open(out).read() if os.path.exists(out) else ""
+    text = ""
+    if os.path.exists(out):
+        with open(out) as f:
+            text = f.read()
     assert rc == 0, f"fio exited {rc}\nstdout:\n{stdout[-3000:]}\nstderr:\n" \
                     f"{stderr[-3000:]}\nreport:\n{text[-3000:]}"
     report = json.loads(text[text.index("{"):])
@@ -269,9 +272,9 @@ def test_primary_crash_resyncs_only_activity_log_extents_with_checksums(cluster,
     c = cluster(size="256M")
     c.up_pair()
     region_off, region = 64 * MiB, 64 * MiB
-    proc, out = fio_background(tmp_path, c.uri("alpha"), "primary-crash", "--rw=randwrite",
-                               "--bs=4k", "--iodepth=16", f"--offset={region_off}",
-                               f"--size={region}", "--time_based", "--runtime=60")
+    proc, _ = fio_background(tmp_path, c.uri("alpha"), "primary-crash", "--rw=randwrite",
+                             "--bs=4k", "--iodepth=16", f"--offset={region_off}",
+                             f"--size={region}", "--time_based", "--runtime=60")
     try:
         fast_wait(c, "beta", lambda s: s["counters"]["writes_applied"] >= 3000, 30,
                   "writes reaching the secondary")

@@ -158,11 +158,11 @@ json_like = st.recursive(
     | st.binary(max_size=40) | st.floats(allow_nan=False),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
                                                                 max_size=5),
-    max_leaves=20)
+    max_leaves=8)
 
 
-@SETTINGS
-@given(st.dictionaries(st.text(max_size=10), json_like, max_size=8))
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), json_like, max_size=6))
 def test_control_round_trip(body):
     buf = encode_control(P.STATE, body)
     assert decode_control(buf[HEADER_SIZE:]) == body
@@ -202,7 +202,7 @@ def test_decode_control_arbitrary_bytes(data):
     assert isinstance(body, dict)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.dictionaries(st.text(max_size=5), json_like, min_size=1, max_size=4),
        st.data())
 def test_decode_control_mutated(body, data):
@@ -282,12 +282,12 @@ def test_auth_ok_correct():
     ("s3cret", CH, "beta", "r0"),           # reflected back by the other node
     ("s3cret", CH, "alpha", "r1"),          # other resource
     ("s3cret", CH, "alpha\x00r0", ""),      # field boundaries shifted
+    ("s3cret", CH, "alph", "a\x00r0"),
 ])
 def test_auth_wrong_inputs_fail(secret, challenge, responder, resource):
     r = auth_response("s3cret", CH, "alpha", "r0")
     assert not auth_ok(secret, challenge, responder, resource, r)
-    assert auth_response(secret, challenge, responder, resource) != r or \
-        (responder, resource) == ("alpha\x00r0", "")
+    assert auth_response(secret, challenge, responder, resource) != r
 
 
 @pytest.mark.parametrize("mangle", [
