@@ -296,10 +296,6 @@ class Node:
         self.conn = ConnState.CONNECTED
         self.peer_role, self.peer_disk = peer_role, peer_disk
         self.last_error = ""
-        if self.is_primary and peer_role == Role.PRIMARY:
-            self._refuse_connection(link, "both nodes are Primary (single-primary mode); "
-                                          "demote one of them", standalone=False)
-            return
         d = st.decide(self.gen, peer_gen, my_bits=self.bitmap.count() > 0,
                       peer_bits=peer_bits.count() > 0,
                       i_was_primary=self.was_primary_flag or self.is_primary,
@@ -314,6 +310,13 @@ class Node:
         self.emit("connected", peer=self.peer_cfg.name, decision=d.strategy.value,
                   rule=d.rule)
         s = d.strategy
+        both_primary = self.is_primary and peer_role == Role.PRIMARY
+        if both_primary and s not in (Strategy.SPLIT_BRAIN, Strategy.UNRELATED):
+            # data first (a split brain is reported as such), then the role conflict
+            self._refuse_connection(link, "both nodes are Primary (single-primary mode); "
+                                          "demote one of them, then 'blockrep connect'",
+                                    standalone=True)
+            return
         if s in (Strategy.SPLIT_BRAIN, Strategy.UNRELATED):
             what = "split brain detected" if s == Strategy.SPLIT_BRAIN else "unrelated data"
             msg = (f"{what} (rule: {d.rule}); both nodes keep their data. Resolve with "

@@ -382,11 +382,6 @@ def _resolve_alpha_wins(c) -> None:
     qemu_io(c.uri("alpha"), f"read -P 0xa4 0 {2 * MiB}", f"read -P 0 {2 * MiB} {MiB}")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two Primaries with diverged data never detect "
-                   "split brain: Node.on_link_established refuses 'both nodes are Primary' "
-                   "(standalone=False) before running state.decide, so alpha redials every "
-                   "connect-interval forever and neither node reports split brain nor goes "
-                   "StandAlone")
 def test_split_brain_both_primary_detected_then_resolved(cluster):
     require_tool("qemu-io", "cmp")
     c = cluster(size="256M")
