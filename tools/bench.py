@@ -339,6 +339,7 @@ def run_io_bench(args) -> int:
             target.start(tmp)
             try:
                 for wl in wls:
+                    os.sync()  # every target starts each workload with no dirty data
                     r = run_fio(target.uri, WORKLOADS[wl], args.runtime, fio_size)
                     results[(target.name, wl)] = r
                     print(f"# {target.name:<15} {wl:<18} {r['iops']:>9.0f} IOPS "

@@ -21,6 +21,7 @@ from .buffers import BufferPool
 log = logging.getLogger("blockrep.link")
 
 RECV_BUF = 4 * 1024 * 1024
+RECV_CHUNK = 256 * 1024
 BIG = 256 * 1024
 
 
@@ -133,9 +134,11 @@ class PeerLink(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint):
         if self._big is not None:
             return self._big_view[self._got:]
-        if self._end == RECV_BUF:
+        if self._end >= RECV_BUF - RECV_CHUNK:
             self._compact()
-        return self._mv[self._end:]
+        # at most RECV_CHUNK per read: a large payload's header is parsed early, and the
+        # rest of the payload is then received straight into its own buffer (no copy)
+        return self._mv[self._end:self._end + RECV_CHUNK]
 
     def buffer_updated(self, nbytes):
         self.last_rx = self.loop.time()

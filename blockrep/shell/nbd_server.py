@@ -44,6 +44,7 @@ log = logging.getLogger("blockrep.nbd")
 WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 
 RECV_BUF = 2 * 1024 * 1024
+RECV_CHUNK = 256 * 1024
 BIG_IO = 256 * 1024  # reads/writes this large run in the I/O threads
 MAX_BLOCK_STATUS_EXTENTS = 2048
 SPARSE_READ_MIN = 64 * 1024  # reads this large are split into data/hole chunks
@@ -174,9 +175,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._payload_view is None:
                 return self._mv[:min(RECV_BUF, self._pending_payload[3] - self._got)]
             return self._payload_view[self._got:]
-        if self._end == RECV_BUF:
+        if self._end >= RECV_BUF - RECV_CHUNK:
             self._compact()
-        return self._mv[self._end:]
+        # at most RECV_CHUNK per read: a large WRITE's header is parsed early and the rest
+        # of its payload is received straight into its own buffer
+        return self._mv[self._end:self._end + RECV_CHUNK]
 
     def buffer_updated(self, nbytes):
         if self._pending_payload is not None:
