@@ -22,6 +22,7 @@ log = logging.getLogger("blockrep.link")
 
 RECV_BUF = 4 * 1024 * 1024
 RECV_CHUNK = 256 * 1024
+SMALL_READ = 16 * 1024
 BIG = 256 * 1024
 
 
@@ -43,6 +44,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._start = 0
         self._end = 0
         self._pool = BufferPool()
+        self._read_size = RECV_CHUNK  # small right after a large payload (see _parse)
         self._big: tuple | None = None  # header fields of a payload received outside the ring
         self._big_view: memoryview | None = None
         self._got = 0
@@ -138,7 +140,7 @@ class PeerLink(asyncio.BufferedProtocol):
             self._compact()
         # at most RECV_CHUNK per read: a large payload's header is parsed early, and the
         # rest of the payload is then received straight into its own buffer (no copy)
-        return self._mv[self._end:self._end + RECV_CHUNK]
+        return self._mv[self._end:self._end + self._read_size]
 
     def buffer_updated(self, nbytes):
         self.last_rx = self.loop.time()
@@ -172,6 +174,7 @@ class PeerLink(asyncio.BufferedProtocol):
         buf, mv = self._buf, self._mv
         pos, end = self._start, self._end
         unpack = proto.unpack_header
+        big = False
         while end - pos >= HEADER_SIZE and not self.closed:
             ptype, flags, pid, offset, size, paylen, crc = unpack(buf, pos)
             have = end - pos - HEADER_SIZE
@@ -188,6 +191,7 @@ class PeerLink(asyncio.BufferedProtocol):
                 self._big_view = view
                 self._got = have
                 pos = end
+                big = True
                 break
             if pos + HEADER_SIZE + paylen > RECV_BUF:
                 self._start = pos
@@ -198,6 +202,7 @@ class PeerLink(asyncio.BufferedProtocol):
             self._start = self._end = 0
         else:
             self._start = pos
+        self._read_size = SMALL_READ if big else RECV_CHUNK
 
     def _dispatch(self, ptype, flags, pid, offset, size, crc, payload):
         if self.phase == "established":

@@ -45,6 +45,7 @@ WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit
 
 RECV_BUF = 2 * 1024 * 1024
 RECV_CHUNK = 256 * 1024
+SMALL_READ = 16 * 1024
 BIG_IO = 256 * 1024  # reads/writes this large run in the I/O threads
 MAX_BLOCK_STATUS_EXTENTS = 2048
 SPARSE_READ_MIN = 64 * 1024  # reads this large are split into data/hole chunks
@@ -126,6 +127,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_event_loop()
         self._executor = server.executor
         # payload being received outside the ring: (cmd, flags, cookie, offset, length, err)
+        self._read_size = RECV_CHUNK  # small right after a large payload (see _process)
         self._pending_payload = None  # (flags, cookie, offset, length, err)
         self._payload_view: memoryview | None = None  # None: drain a refused payload
         self._got = 0
@@ -148,6 +150,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if self.server.closing:
@@ -179,7 +182,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._compact()
         # at most RECV_CHUNK per read: a large WRITE's header is parsed early and the rest
         # of its payload is received straight into its own buffer
-        return self._mv[self._end:self._end + RECV_CHUNK]
+        return self._mv[self._end:self._end + self._read_size]
 
     def buffer_updated(self, nbytes):
         if self._pending_payload is not None:
@@ -258,6 +261,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         end = self._end
         check = self.rules.check
         dispatch = self._dispatch
+        big = False
         while end - pos >= REQUEST_SIZE and not self._closing:
             magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
             if magic != REQUEST_MAGIC:
@@ -288,6 +292,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                         view[:have] = mv[pos + REQUEST_SIZE:end]
                     self._got = have
                     pos = end
+                    big = True
                     break
                 if pos + REQUEST_SIZE + length > RECV_BUF:
                     self._start = pos
@@ -314,6 +319,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._start = self._end = 0
         else:
             self._start = pos
+        # after a large payload the next read is small: it brings the next header and
+        # little else, so a following large payload is copied out of the ring only a bit
+        self._read_size = SMALL_READ if big else RECV_CHUNK
         self._flush_out()
 
     def _flush_out(self):
