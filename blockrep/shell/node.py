@@ -700,6 +700,7 @@ class Node:
         sync = None
         if self.resync_source is not None:
             sync = self.resync_source.progress.as_dict(now)
+            sync["window"] = self.resync_source.cur_window
         elif self.resync_target is not None:
             sync = self.resync_target.progress.as_dict(now)
         r, a = self.replicator, self.applier

@@ -22,6 +22,7 @@ from .buffers import BufferPool
 log = logging.getLogger("blockrep.resync")
 
 CHUNK = 1 << 20  # bytes per resync request
+APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
 _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
@@ -64,6 +65,8 @@ class ResyncSource:
         self.bitmap = node.bitmap
         self.disk = node.disk
         self.window = node.cfg.resync_window
+        self.cur_window = self.window
+        self._adjusted = 0.0
         self.inflight: dict[int, tuple[int, int]] = {}
         self.next_id = 1
         self.wake = asyncio.Event()
@@ -114,8 +117,18 @@ class ResyncSource:
             await asyncio.sleep(0.001 if busy else 0)
 
     def _window(self) -> int:
-        # leave the application its share: shrink to one request while writes queue up
-        return 1 if len(self.node.replicator.pending) > 32 else self.window
+        """AIMD: while application writes wait for the peer, halve the resync window (at
+        most every 20 ms); while they do not, grow it by one up to resync-window. The
+        application keeps its share of the link and of the peer's disk."""
+        now = self.node.loop.time()
+        if now - self._adjusted >= 0.02:
+            self._adjusted = now
+            r = self.node.replicator
+            if len(r.pending) + len(r.waiting) > APP_BUSY:
+                self.cur_window = max(1, self.cur_window // 2)
+            elif self.cur_window < self.window:
+                self.cur_window += 1
+        return self.cur_window
 
     def overlaps(self, offset: int, length: int) -> bool:
         end = offset + length
