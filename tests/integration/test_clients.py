@@ -8,7 +8,6 @@ import os
 import random
 import threading
 
-import pytest
 from helpers import require_tool, run
 from nbd_testlib import MiB, RawClient, files_equal, recv_exact, run_libnbd, \
     write_random_file

@@ -11,51 +11,17 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
-from helpers import PY, ROOT, require_tool, run, wait_for
+from helpers import PY, ROOT, require_tool, run
+from repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
 
-MiB = 1 << 20
 BLOCK = 4096
 HEADER_BYTES = 36  # blockrep.peer.proto.HEADER_SIZE: one link packet header
 
 
 # -- helpers (local to this file) -----------------------------------------------------------
-
-def admin(c, node: str, cmd: str = "status", timeout: float = 10.0, **args):
-    """One request on the node's admin socket, without a CLI process (fast polling)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(c.admin_socket(node))
-        with s.makefile("rwb") as f:
-            f.write((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
-            f.flush()
-            reply = json.loads(f.readline())
-    if not reply.get("ok"):
-        raise AssertionError(f"{node}: {cmd} failed: {reply.get('error')}")
-    return reply["result"]
-
-
-def fast_wait(c, node: str, pred, timeout: float = 30, what: str = "status") -> dict:
-    """Like Cluster.wait_status, but polls the admin socket directly (20 polls/s)."""
-    last = {}
-
-    def check():
-        nonlocal last
-        try:
-            last = admin(c, node)
-        except (OSError, ValueError):
-            return False
-        return pred(last)
-    try:
-        wait_for(check, timeout=timeout, interval=0.05, what=what)
-    except TimeoutError:
-        raise AssertionError(f"{node}: timed out waiting for {what}; last status "
-                             f"{json.dumps(last)}\n--- log:\n{c.log(node)[-4000:]}") from None
-    return last
-
 
 class Events:
     """The node's event stream (`blockrep events` over the admin socket)."""
@@ -102,75 +68,6 @@ class Events:
         self.sock.close()
 
 
-def fio_argv(tmp_path, uri: str, name: str, *opts: str) -> tuple[list[str], str]:
-    out = os.path.join(str(tmp_path), f"{name}.json")
-    return (["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
-             "--verify_state_save=0", "--output-format=json", f"--output={out}", *opts], out)
-
-
-def fio(tmp_path, uri: str, name: str, *opts: str, timeout: float = 120) -> dict:
-    argv, out = fio_argv(tmp_path, uri, name, *opts)
-    res = subprocess.run(argv, cwd=str(tmp_path), capture_output=True, text=True,
-                         timeout=timeout, check=False)
-    return check_fio(res.returncode, res.stdout, res.stderr, out)
-
-
-def fio_background(tmp_path, uri: str, name: str, *opts: str):
-    argv, out = fio_argv(tmp_path, uri, name, *opts)
-    return subprocess.Popen(argv, cwd=str(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True), out
-
-
-def check_fio(rc: int, stdout: str, stderr: str, out: str) -> dict:
-    text = ""
-    if os.path.exists(out):
-        with open(out) as f:
-            text = f.read()
-    assert rc == 0, f"fio exited {rc}\nstdout:\n{stdout[-3000:]}\nstderr:\n" \
-                    f"{stderr[-3000:]}\nreport:\n{text[-3000:]}"
-    report = json.loads(text[text.index("{"):])
-    for job in report["jobs"]:
-        assert job["error"] == 0, f"fio job {job['jobname']} error {job['error']}"
-    return report
-
-
-def fio_bytes_written(report: dict) -> int:
-    return sum(j["write"]["io_bytes"] for j in report["jobs"])
-
-
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def qemu_io(uri: str, *cmds: str, check: bool = True) -> subprocess.CompletedProcess:
-    argv = ["qemu-io", "-f", "raw"]
-    for cmd in cmds:
-        argv += ["-c", cmd]
-    argv.append(uri)
-    res = run(argv, timeout=120, check=False)
-    if check:
-        bad = res.returncode != 0 or "fail" in res.stdout.lower() or \
-            "error" in res.stdout.lower() or "pattern verification" in res.stdout.lower()
-        assert not bad, f"qemu-io {cmds} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
-    return res
-
-
-def cmp_data(c, size: int) -> None:
-    res = run(["cmp", "-n", str(size), c.disk("alpha"), c.disk("beta")], check=False)
-    assert res.returncode == 0, f"data areas differ: {res.stdout}{res.stderr}"
-
-
-def read_at(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
 def flip_byte(path: str, offset: int) -> int:
     """XOR one byte of a file with 0xFF; returns the new value."""
     with open(path, "r+b") as f:
@@ -204,26 +101,19 @@ def test_peer_lost_during_random_writes_bitmap_resync(cluster, tmp_path, how):
     require_tool("fio", "cmp")
     c = cluster(size="256M")
     c.up_pair()
-    proc, out = fio_background(tmp_path, c.uri("alpha"), f"peer-lost-{how}",
-                               "--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=0",
-                               "--size=200M", "--io_size=64M", "--norandommap=0",
-                               "--randrepeat=0")
-    try:
+    with fio(tmp_path, c.uri("alpha"), f"peer-lost-{how}", "--rw=randwrite", "--bs=4k",
+             "--iodepth=16", "--offset=0", "--size=200M", "--io_size=64M", "--norandommap=0",
+             "--randrepeat=0", background=True) as job:
         # lose the peer a quarter into the run: the writes before are replicated
-        fast_wait(c, "beta", lambda s: s["counters"]["writes_applied"] >= 4096, 30,
-                  "writes reaching the secondary")
-        assert proc.poll() is None, "fio finished before the peer was lost"
+        c.wait_status("beta", lambda s: s["counters"]["writes_applied"] >= 4096, 30,
+                      "writes reaching the secondary", fast=True)
+        assert job.proc.poll() is None, "fio finished before the peer was lost"
         if how == "sigkill":
             c.kill("beta", signal.SIGKILL)
         else:
             c.cli("beta", "disconnect")
-        stdout, stderr = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    rep = check_fio(proc.returncode, stdout, stderr, out)
-    assert fio_bytes_written(rep) == 64 * MiB
+        job.wait()
+    assert fio_bytes_written(job.report()) == 64 * MiB
 
     a = c.status("alpha")
     assert a["role"] == "Primary" and a["replication"] == "Off", a
@@ -272,19 +162,14 @@ def test_primary_crash_resyncs_only_activity_log_extents_with_checksums(cluster,
     c = cluster(size="256M")
     c.up_pair()
     region_off, region = 64 * MiB, 64 * MiB
-    proc, _ = fio_background(tmp_path, c.uri("alpha"), "primary-crash", "--rw=randwrite",
-                             "--bs=4k", "--iodepth=16", f"--offset={region_off}",
-                             f"--size={region}", "--time_based", "--runtime=60")
-    try:
-        fast_wait(c, "beta", lambda s: s["counters"]["writes_applied"] >= 3000, 30,
-                  "writes reaching the secondary")
-        assert proc.poll() is None, "fio finished before the primary was killed"
+    with fio(tmp_path, c.uri("alpha"), "primary-crash", "--rw=randwrite", "--bs=4k",
+             "--iodepth=16", f"--offset={region_off}", f"--size={region}", "--time_based",
+             "--runtime=60", background=True) as job:
+        c.wait_status("beta", lambda s: s["counters"]["writes_applied"] >= 3000, 30,
+                      "writes reaching the secondary", fast=True)
+        assert job.proc.poll() is None, "fio finished before the primary was killed"
         c.kill("alpha", signal.SIGKILL)
-        finish(proc, 30)  # fio fails: its server died
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        job.wait(30)  # fio fails: its server died
     c.wait_status("beta", lambda s: s["replication"] == "Off", 30, "beta lost its peer")
 
     c.start("alpha")
@@ -524,8 +409,8 @@ def test_fio_verify_during_full_resync(cluster, tmp_path):
     c.up_pair()
     size = c.status("alpha")["size_bytes"]
     c.cli("beta", "invalidate")
-    a = fast_wait(c, "alpha", lambda s: s["replication"] == "SyncSource", 30,
-                  "alpha SyncSource")
+    a = c.wait_status("alpha", lambda s: s["replication"] == "SyncSource", 30,
+                      "alpha SyncSource", fast=True)
     t0 = time.monotonic()
     rep = fio(tmp_path, c.uri("alpha"), "during-resync", "--rw=randwrite",
               "--bsrange=4k-64k", "--iodepth=16", "--offset=0",
@@ -533,7 +418,7 @@ def test_fio_verify_during_full_resync(cluster, tmp_path):
               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
     t_fio = time.monotonic() - t0
     assert fio_bytes_written(rep) >= 128 * MiB
-    during = admin(c, "alpha")
+    during = c.admin("alpha")
     a = c.wait_status("alpha", synced, 90, "full resync done")
     c.wait_status("beta", lambda s: established(s) and s["disk"] == "UpToDate", 30,
                   "beta UpToDate")

@@ -6,132 +6,30 @@ role changes are refused while they would hurt; FUA and flush reach both disks."
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
 
 import pytest
 from helpers import SYSTEM_PY, require_tool, run, wait_for
-
-MiB = 1 << 20
+from repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
 
 
 # -- helpers (local to this file) -----------------------------------------------------------
 
-def admin(c, node: str, cmd: str = "status", timeout: float = 10.0, **args):
-    """One request on the node's admin socket, without a CLI process (fast polling)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(c.admin_socket(node))
-        with s.makefile("rwb") as f:
-            f.write((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
-            f.flush()
-            reply = json.loads(f.readline())
-    if not reply.get("ok"):
-        raise AssertionError(f"{node}: {cmd} failed: {reply.get('error')}")
-    return reply["result"]
-
-
-def fast_wait(c, node: str, pred, timeout: float = 30, what: str = "status") -> dict:
-    last = {}
-
-    def check():
-        nonlocal last
-        try:
-            last = admin(c, node)
-        except (OSError, ValueError):
-            return False
-        return pred(last)
-    try:
-        wait_for(check, timeout=timeout, interval=0.05, what=what)
-    except TimeoutError:
-        raise AssertionError(f"{node}: timed out waiting for {what}; last status "
-                             f"{json.dumps(last)}\n--- log:\n{c.log(node)[-4000:]}") from None
-    return last
-
-
-def fio(tmp_path, uri: str, name: str, *opts: str, timeout: float = 120,
-        netns: str | None = None, background: bool = False):
-    out = os.path.join(str(tmp_path), f"{name}.json")
-    argv = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
-            "--verify_state_save=0", "--output-format=json", f"--output={out}", *opts]
-    if netns:
-        argv = ["ip", "netns", "exec", netns, *argv]
-    if background:
-        return subprocess.Popen(argv, cwd=str(tmp_path), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True), out
-    res = subprocess.run(argv, cwd=str(tmp_path), capture_output=True, text=True,
-                         timeout=timeout, check=False)
-    return check_fio(res.returncode, res.stdout, res.stderr, out)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-def check_fio(rc: int, stdout: str, stderr: str, out: str) -> dict:
-    text = _read_text(out)
-    assert rc == 0, f"fio exited {rc}\nstdout:\n{stdout[-3000:]}\nstderr:\n" \
-                    f"{stderr[-3000:]}\nreport:\n{text[-3000:]}"
-    report = json.loads(text[text.index("{"):])
-    for job in report["jobs"]:
-        assert job["error"] == 0, f"fio job {job['jobname']} error {job['error']}"
-    return report
-
-
-def fio_bytes_written(report: dict) -> int:
-    return sum(j["write"]["io_bytes"] for j in report["jobs"])
-
-
-def qemu_io(uri: str, *cmds: str, netns: str | None = None, check: bool = True):
-    argv = ["qemu-io", "-f", "raw"]
-    for cmd in cmds:
-        argv += ["-c", cmd]
-    argv.append(uri)
-    if netns:
-        argv = ["ip", "netns", "exec", netns, *argv]
-    res = run(argv, timeout=120, check=False)
-    if check:
-        bad = res.returncode != 0 or "fail" in res.stdout.lower() or \
-            "error" in res.stdout.lower() or "pattern verification" in res.stdout.lower()
-        assert not bad, f"qemu-io {cmds} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
-    return res
-
-
-def data_size(c) -> int:
-    return admin(c, "alpha")["size_bytes"]
-
-
-def cmp_data(c, size: int) -> None:
-    res = run(["cmp", "-n", str(size), c.disk("alpha"), c.disk("beta")], check=False)
-    assert res.returncode == 0, f"data areas differ: {res.stdout}{res.stderr}"
-
-
 def wait_quiet(c, same_processes: bool = True) -> None:
     """No write pending on the Primary and (while neither node was restarted, so the
     counters compare) everything it replicated applied on the peer."""
-    a = fast_wait(c, "alpha", lambda s: s["counters"]["writes_pending_peer"] == 0,
-                  30, "no writes pending")
+    a = c.wait_status("alpha", lambda s: s["counters"]["writes_pending_peer"] == 0,
+                      30, "no writes pending", fast=True)
     want = a["counters"]["writes_replicated"] if same_processes else 0
-    fast_wait(c, "beta", lambda s: s["counters"]["writes_pending_peer"] == 0 and
-              s["counters"]["writes_applied"] >= want, 30,
-              f"peer applied all {want} replicated writes")
-
-
-def read_file(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+    c.wait_status("beta", lambda s: s["counters"]["writes_pending_peer"] == 0 and
+                  s["counters"]["writes_applied"] >= want, 30,
+                  f"peer applied all {want} replicated writes", fast=True)
 
 
 # -- 1. overlapping concurrent writes, then verify ----------------------------------------------
@@ -165,24 +63,18 @@ def test_secondary_killed_during_fio_then_resyncs(cluster, tmp_path):
     require_tool("fio", "cmp")
     c = cluster(size="64M")
     c.up_pair()
-    proc, out = fio(tmp_path, c.uri("alpha"), "kill-secondary", "--rw=randwrite", "--bs=4k",
-                    "--iodepth=16", "--numjobs=2", "--offset=0", "--size=48M",
-                    "--time_based", "--runtime=6", background=True)
-    try:
+    with fio(tmp_path, c.uri("alpha"), "kill-secondary", "--rw=randwrite", "--bs=4k",
+             "--iodepth=16", "--numjobs=2", "--offset=0", "--size=48M", "--time_based",
+             "--runtime=6", background=True) as job:
         # kill once writes are really flowing to the peer, ~2 s into the run
         t0 = time.monotonic()
-        fast_wait(c, "beta", lambda s: s["counters"]["writes_applied"] > 1000, 20,
-                  "writes reaching the secondary")
+        c.wait_status("beta", lambda s: s["counters"]["writes_applied"] > 1000, 20,
+                      "writes reaching the secondary", fast=True)
         time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
-        assert proc.poll() is None, "fio ended before the secondary was killed"
+        assert job.proc.poll() is None, "fio ended before the secondary was killed"
         c.kill("beta", signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    rep = check_fio(proc.returncode, stdout, stderr, out)
-    assert fio_bytes_written(rep) > 0
+        job.wait(60)
+    assert fio_bytes_written(job.report()) > 0
     a = c.status("alpha")
     assert a["role"] == "Primary", a
     assert a["connection"] != "Connected", a
@@ -274,7 +166,7 @@ def _check_acked(path_disk: str, record: str, nblocks: int) -> tuple[int, list]:
             count += 1
             if v > latest.get(b, 0):
                 latest[b] = v
-    data = read_file(path_disk, 0, nblocks * 4096)
+    data = read_at(path_disk, 0, nblocks * 4096)
     violations = []
     for b in range(nblocks):
         blk = data[b * 4096:(b + 1) * 4096]
@@ -334,12 +226,13 @@ def test_acknowledged_writes_survive_primary_kill(cluster, tmp_path, record_prop
             break
         # the crashed primary comes back as Secondary, catches up, is promoted again
         c.start("alpha")
-        fast_wait(c, "alpha", lambda s: s["connection"] == "Connected" and
-                  s["replication"] == "Established" and s["disk"] == "UpToDate" and
-                  s["peer"]["disk"] == "UpToDate", 60, f"round {rnd}: alpha back in sync")
-        admin(c, "alpha", "primary", force=0, skip_initial_sync=0)
-        fast_wait(c, "alpha", lambda s: s["role"] == "Primary" and
-                  s["replication"] == "Established", 30, "alpha Primary again")
+        c.wait_status("alpha", lambda s: s["connection"] == "Connected" and
+                      s["replication"] == "Established" and s["disk"] == "UpToDate" and
+                      s["peer"]["disk"] == "UpToDate", 60, f"round {rnd}: alpha back in sync",
+                      fast=True)
+        c.admin("alpha", "primary", force=0, skip_initial_sync=0)
+        c.wait_status("alpha", lambda s: s["role"] == "Primary" and
+                      s["replication"] == "Established", 30, "alpha Primary again", fast=True)
     elapsed = time.monotonic() - t_start
     record_property("acknowledged_writes_checked", total_acked)
     print(f"\nacknowledged writes checked: {total_acked} in {ACK_ROUNDS} rounds "
@@ -366,21 +259,22 @@ def test_mismatched_configuration_never_connects(cluster, kind):
     pattern = b"\x5a" * MiB
     with open(c.disk("alpha"), "r+b") as f:
         f.write(pattern)
-    beta_before = read_file(c.disk("beta"), 0, 16 * MiB)
+    beta_before = read_at(c.disk("beta"), 0, 16 * MiB)
     assert beta_before == bytes(16 * MiB)
     for n in c.NODES:
         c.start(n)
     # alpha claims its data (a full sync to beta would follow if they ever connected)
     c.cli("alpha", "primary", "--force")
     for n in c.NODES:
-        s = fast_wait(c, n, lambda s: reason in s["last_error"], 20, f"error {reason!r}")
+        s = c.wait_status(n, lambda s: reason in s["last_error"], 20, f"error {reason!r}",
+                          fast=True)
         assert s["connection"] != "Connected", s
         assert s["replication"] == "Off", s
     # several more connection attempts (connect-interval 0.5 s): still never connected
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         for n in c.NODES:
-            s = admin(c, n)
+            s = c.admin(n)
             assert s["connection"] != "Connected" and s["replication"] == "Off", s
             assert s["peer"]["disk"] == "DUnknown", s
         time.sleep(0.1)
@@ -389,8 +283,8 @@ def test_mismatched_configuration_never_connects(cluster, kind):
         assert reason in s["last_error"], s
         assert reason in c.log(n), c.log(n)
     c.stop_all()
-    assert read_file(c.disk("beta"), 0, 16 * MiB) == beta_before, "beta's disk was written"
-    assert read_file(c.disk("alpha"), 0, MiB) == pattern
+    assert read_at(c.disk("beta"), 0, 16 * MiB) == beta_before, "beta's disk was written"
+    assert read_at(c.disk("alpha"), 0, MiB) == pattern
 
 
 # -- 5. failover ---------------------------------------------------------------------------------
@@ -472,7 +366,7 @@ def test_role_changes_refused_while_unsafe(cluster, tmp_path):
     c.wait_status("beta", lambda s: s["peer"]["role"] == "Secondary", 15, "peer Secondary")
     # now beta may take over, and sees the client's write
     c.cli("beta", "primary")
-    assert read_file(c.disk("beta"), 0, 4096) == b"\x11" * 4096
+    assert read_at(c.disk("beta"), 0, 4096) == b"\x11" * 4096
 
 
 # -- 7. FUA and flush ------------------------------------------------------------------------
@@ -488,7 +382,7 @@ def test_fua_write_and_flush_reach_both_disks(cluster):
     assert a["counters"]["writes_local_only"] == 0
     assert a["out_of_sync_bytes"] == 0
     for n in c.NODES:
-        assert read_file(c.disk(n), 0, MiB) == b"\x3c" * MiB, n
-        assert read_file(c.disk(n), MiB, MiB) == b"\xc3" * MiB, n
-        assert read_file(c.disk(n), 4 * MiB, 64 * 1024) == b"\x7e" * 65536, n
+        assert read_at(c.disk(n), 0, MiB) == b"\x3c" * MiB, n
+        assert read_at(c.disk(n), MiB, MiB) == b"\xc3" * MiB, n
+        assert read_at(c.disk(n), 4 * MiB, 64 * 1024) == b"\x7e" * 65536, n
     cmp_data(c, a["size_bytes"])
