@@ -8,9 +8,10 @@ system calls on the disk (the backend does).
 Receive path: one `bytearray` per connection; `get_buffer` hands out its free tail, and
 `buffer_updated` parses every complete request in it. A WRITE payload that is already in the
 buffer is written from a memoryview (no copy); a large payload is received straight into a
-reusable per-connection buffer. Replies produced by one `buffer_updated` go out with one
-`writelines`. Small reads and writes run inline (page-cache I/O costs a few µs); FLUSH runs
-in a thread so the loop keeps serving, which makes replies out of order.
+reusable buffer. Replies produced by one `buffer_updated` go out with one `writelines`.
+Reads and writes run inline, large ones too (page-cache I/O; measured faster than a hand-off
+to a thread even at 1 MiB); FLUSH runs in a thread so the loop keeps serving, which makes
+replies out of order. Read buffers of large reads come from a pool (see buffers.py).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit
 RECV_BUF = 2 * 1024 * 1024
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024
-BIG_IO = 256 * 1024  # reads/writes this large run in the I/O threads
+BIG_IO = 256 * 1024  # write payloads this large are received into their own buffer
 MAX_BLOCK_STATUS_EXTENTS = 2048
 SPARSE_READ_MIN = 64 * 1024  # reads this large are split into data/hole chunks
 
@@ -197,9 +198,9 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._flush_out()
             elif self._submit is not None:
                 self._submit_req(WRITE, flags, cookie, offset, length, view)
-            else:
-                self._run_async(cookie, NbdCmd.WRITE, self.backend.write, offset, view,
-                                bool(flags & _FUA))
+            else:  # inline: measured faster than a thread hand-off, even for 1 MiB
+                self._write(flags, cookie, offset, view)
+                self._flush_out()
             return
         self._end += nbytes
         if self.hs is not None:
@@ -352,10 +353,6 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _cmd_read(self, flags, cookie, offset, length):
         backend = self.backend
         out = self._out
-        if length >= BIG_IO and (not self.structured or flags & CmdFlag.DF
-                                 or backend.is_all_data(offset, length)):
-            self._read_async(cookie, offset, length)
-            return
         if not self.structured:
             data = self._read_data(offset, length)
             out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
@@ -383,16 +380,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         view = self._pool.get(length)
         self.backend.readinto(offset, view)
         return view
-
-    def _read_async(self, cookie, offset, length):
-        """A large read runs in a thread so the loop keeps sending earlier replies."""
-        view = self._pool.get(length)
-        if self.structured:
-            reply = [_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, length + 8),
-                     _U64(offset), view]
-        else:
-            reply = [_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie), view]
-        self._run_async(cookie, NbdCmd.READ, self.backend.readinto, offset, view, reply=reply)
 
     def _read_sparse(self, cookie, offset, length, extents):
         out = self._out
