@@ -13,7 +13,7 @@ from .constants import CmdFlag, NbdCmd, NbdErr, TransmissionFlag
 # Commands whose request carries a payload of `length` bytes.
 PAYLOAD_CMDS = frozenset({NbdCmd.WRITE})
 
-_WRITE_LIKE = frozenset({NbdCmd.WRITE, NbdCmd.TRIM, NbdCmd.WRITE_ZEROES})
+_WRITE_LIKE = frozenset({int(NbdCmd.WRITE), int(NbdCmd.TRIM), int(NbdCmd.WRITE_ZEROES)})
 
 _ERRNO_MAP = {
     _errno.EPERM: NbdErr.EPERM,
@@ -73,26 +73,32 @@ class RequestRules:
                 del allowed[cmd]
         if meta:
             allowed[NbdCmd.BLOCK_STATUS] = fua | CmdFlag.REQ_ONE
-        self.allowed = {cmd: int(v) for cmd, v in allowed.items()}  # plain ints: ~ is exact
+        self.allowed = {int(cmd): int(v) for cmd, v in allowed.items()}  # plain ints: ~ is exact
 
     def check(self, cmd: int, flags: int, offset: int, length: int) -> int:
+        # plain ints throughout: this runs for every request
         allowed = self.allowed.get(cmd)
         if allowed is None:
             if self.read_only and cmd in _WRITE_LIKE:
-                return NbdErr.EPERM
-            return NbdErr.EINVAL
+                return _EPERM
+            return _EINVAL
         if flags & ~allowed:
-            return NbdErr.EINVAL
-        if cmd == NbdCmd.FLUSH or cmd == NbdCmd.DISC:
+            return _EINVAL
+        if cmd == _FLUSH or cmd == _DISC:
             return 0
         if length == 0:
-            return NbdErr.EINVAL
-        if length > self.max_block and cmd in (NbdCmd.READ, NbdCmd.WRITE):
-            return NbdErr.EINVAL
+            return _EINVAL
+        if length > self.max_block and cmd <= _WRITE:  # READ or WRITE
+            return _EINVAL
         if offset + length > self.size:
-            if cmd == NbdCmd.WRITE or cmd == NbdCmd.WRITE_ZEROES:
-                return NbdErr.EPERM if self.read_only else NbdErr.ENOSPC
-            return NbdErr.EINVAL
+            if cmd == _WRITE or cmd == _WRITE_ZEROES:
+                return _EPERM if self.read_only else _ENOSPC
+            return _EINVAL
         if self.read_only and cmd in _WRITE_LIKE:
-            return NbdErr.EPERM
+            return _EPERM
         return 0
+
+
+_EPERM, _EINVAL, _ENOSPC = int(NbdErr.EPERM), int(NbdErr.EINVAL), int(NbdErr.ENOSPC)
+_WRITE, _FLUSH, _DISC = int(NbdCmd.WRITE), int(NbdCmd.FLUSH), int(NbdCmd.DISC)
+_WRITE_ZEROES = int(NbdCmd.WRITE_ZEROES)

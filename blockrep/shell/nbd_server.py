@@ -55,10 +55,14 @@ _unpack_req = proto.unpack_request_from
 _pack_simple = proto.pack_simple_reply
 _pack_chunk = proto.pack_structured_header
 _U64 = proto.U64.pack
-_FUA = CmdFlag.FUA
-_DONE = REPLY_FLAG_DONE
-_DATA = ReplyType.OFFSET_DATA
-_HOLE = ReplyType.OFFSET_HOLE
+_FUA = int(CmdFlag.FUA)  # plain ints on the hot path: IntFlag operations are slow
+_DF = int(CmdFlag.DF)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_DONE = int(REPLY_FLAG_DONE)
+_DATA = int(ReplyType.OFFSET_DATA)
+_HOLE = int(ReplyType.OFFSET_HOLE)
 
 
 class NbdServer:
@@ -361,7 +365,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if length >= SPARSE_READ_MIN or not backend.starts_with_data(offset):
             extents = backend.extents(offset, length)
             if len(extents) != 1 or not extents[0][2]:
-                if flags & CmdFlag.DF or len(extents) == 1:
+                if flags & _DF or len(extents) == 1:
                     extents = None  # one data chunk
             else:  # one hole
                 out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _HOLE, cookie, 12))
@@ -414,8 +418,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._submit is not None:
             self._submit_req(ZERO, flags, cookie, offset, length, None)
             return
-        self.backend.zero(offset, length, may_trim=not flags & CmdFlag.NO_HOLE,
-                          fast=bool(flags & CmdFlag.FAST_ZERO), fua=bool(flags & _FUA))
+        self.backend.zero(offset, length, may_trim=not flags & _NO_HOLE,
+                          fast=bool(flags & _FAST_ZERO), fua=bool(flags & _FUA))
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _cmd_cache(self, flags, cookie, offset, length):
@@ -423,7 +427,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _cmd_block_status(self, flags, cookie, offset, length):
-        limit = 1 if flags & CmdFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+        limit = 1 if flags & _REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
         extents = self.backend.extents(offset, length, limit)
         descs = [(n, (StateFlag.HOLE | StateFlag.ZERO) if hole else 0)
                  for _, n, hole in extents]

@@ -26,6 +26,7 @@ from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD f
 log = logging.getLogger("blockrep.repl")
 
 ASYNC_LOCAL = 256 * 1024  # writes this large are written locally in the I/O threads
+_P_DATA, _P_WRITE_ACK = int(P.DATA), int(P.WRITE_ACK)  # ints on the hot path
 _KIND_PACKET = {WRITE: P.DATA, TRIM: P.TRIM, ZERO: P.ZERO}
 _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
@@ -156,7 +157,7 @@ class Replicator:
         pflags = (proto.F_FUA if flags & 1 else 0) | (proto.F_NO_HOLE if flags & 2 else 0)
         if kind == WRITE:
             n = len(data)
-            link.send(_HDR(_MAGIC, P.DATA, pflags, pid, offset, n, n, _crc(data)), data)
+            link.send(_HDR(_MAGIC, _P_DATA, pflags, pid, offset, n, n, _crc(data)), data)
             self.bytes_replicated += n
         else:
             link.send(_HDR(_MAGIC, _KIND_PACKET[kind], pflags, pid, offset, length, 0, 0))
@@ -374,7 +375,7 @@ class Applier:
                 self.node.run_io(self.disk.flush, lambda e: self._ack(
                     link, P.WRITE_ACK if e is None else P.NEG_ACK, pid, offset, 0))
             else:
-                self._ack(link, P.WRITE_ACK, pid)
+                self._ack(link, _P_WRITE_ACK, pid)
         if key is not None and self.queue:
             self._drain()
 
