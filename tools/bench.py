@@ -325,6 +325,9 @@ def print_ratios(results: dict, names: list[str], wls: list[str]) -> None:
 
 
 def run_io_bench(args) -> int:
+    """All targets run at once on the same file; each workload runs on each target in turn,
+    `--repeat` rounds, so slow drifts of this shared machine hit every target alike. The
+    table shows the median round (by IOPS) per target and workload."""
     names = args.targets.split(",")
     wls = args.workloads.split(",")
     tmp = tempfile.mkdtemp(prefix="blockrep-bench-", dir=args.dir)
@@ -333,28 +336,33 @@ def run_io_bench(args) -> int:
     fio_size = size - (8 << 20)  # leave room for blockrep's internal metadata
     print(f"# preparing {args.size_mib} MiB backing file in {tmp}", flush=True)
     prepare_disk(disk, size)
-    results = {}
+    samples: dict = {}
+    targets = make_targets(disk, names, tmp)
+    started = []
     try:
-        for target in make_targets(disk, names, tmp):
+        for target in targets:
             target.start(tmp)
-            try:
-                for wl in wls:
-                    os.sync()  # every target starts each workload with no dirty data
+            started.append(target)
+        for wl in wls:
+            for rnd in range(args.repeat):
+                for target in targets:
+                    os.sync()  # every run starts with no dirty data
                     r = run_fio(target.uri, WORKLOADS[wl], args.runtime, fio_size)
-                    results[(target.name, wl)] = r
-                    print(f"# {target.name:<15} {wl:<18} {r['iops']:>9.0f} IOPS "
-                          f"{r['mbs']:>8.1f} MB/s p50 {r['p50_us']:.0f}us "
+                    samples.setdefault((target.name, wl), []).append(r)
+                    print(f"# {target.name:<15} {wl:<18} round {rnd + 1}: {r['iops']:>9.0f} "
+                          f"IOPS {r['mbs']:>8.1f} MB/s p50 {r['p50_us']:.0f}us "
                           f"p99 {r['p99_us']:.0f}us", flush=True)
-            finally:
-                target.stop()
     finally:
+        for target in started:
+            target.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    results = {k: sorted(v, key=lambda r: r["iops"])[len(v) // 2] for k, v in samples.items()}
     print()
     print_table(results, names, wls)
     print_ratios(results, names, wls)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({f"{t}/{w}": r for (t, w), r in results.items()}, f, indent=1)
+            json.dump({f"{t}/{w}": v for (t, w), v in samples.items()}, f, indent=1)
     return 0
 
 
@@ -526,7 +534,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", help="comma list: blockrep, nbdkit, qemu-nbd, "
                                       "blockrep-repl, qsd-mirror-unix, qsd-mirror-tcp")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--runtime", type=int, default=8, help="seconds per workload")
+    ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per workload (median)")
     ap.add_argument("--size-mib", type=int, default=1024, help="backing file size")
     ap.add_argument("--dir", help="where the backing files go (default: a temp dir)")
     ap.add_argument("--json", help="also write the results here")
