@@ -109,7 +109,14 @@ nbd = "127.0.0.1:{free_port()}"
                               timeout=120).stdout
 
     def status(self, node):
-        return json.loads(self.cli(node, "status", "--json"))
+        """Over the admin socket, in this process: a CLI process per poll would steal the
+        CPU the measured resync needs."""
+        from blockrep import config
+        from blockrep.cli import admin_call
+        try:
+            return admin_call(config.load(self.cfg), node, "status")
+        except SystemExit as exc:  # node not up yet
+            raise subprocess.CalledProcessError(1, "status", str(exc)) from None
 
     def start(self, log_dir: str) -> None:
         shutil.copyfile(self.disk, self.secondary)  # identical content: no initial sync
@@ -385,11 +392,15 @@ h.flush(); h.shutdown()
 """
 
 
-def _nbdcopy_time(src: str, tmp: str, size: int) -> float:
-    """nbdcopy between two `nbdkit file` servers; returns seconds."""
-    dst = os.path.join(tmp, "nbdcopy-dst.img")
-    with open(dst, "wb") as f:
-        f.truncate(os.path.getsize(src))
+def _nbdcopy_time(src: str, tmp: str, size: int, dst_name: str, fresh: bool) -> float:
+    """nbdcopy between two `nbdkit file` servers; returns seconds. `fresh`: a new sparse
+    destination (else the one from the previous round, allocated, like a resync target)."""
+    dst = os.path.join(tmp, dst_name)
+    if fresh and os.path.exists(dst):
+        os.unlink(dst)
+    if not os.path.exists(dst):
+        with open(dst, "wb") as f:
+            f.truncate(os.path.getsize(src))
     ports = [free_port(), free_port()]
     procs = [subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(p), "file", f],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -409,7 +420,6 @@ def _nbdcopy_time(src: str, tmp: str, size: int) -> float:
         for proc in procs:
             proc.terminate()
             proc.wait()
-        os.unlink(dst)
 
 
 def _same(a: str, b: str, n: int) -> bool:
@@ -422,21 +432,55 @@ def _wait_sync_done(pair: ReplicatedTarget, node: str, timeout: float = 600) -> 
         s = pair.status(node)
         if s["replication"] == "Established" and s["last_sync"] and s["out_of_sync_bytes"] == 0:
             return s
-        time.sleep(0.05)
+        time.sleep(0.2)  # the node measures the resync itself; polling only ends the wait
     raise RuntimeError(f"resync did not finish: {s}")
 
 
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def _start_pair(pair: ReplicatedTarget, tmp: str) -> None:
+    for n in ("alpha", "beta"):
+        pair.nodes[n] = subprocess.Popen(
+            [PY, "-m", "blockrep", "up", pair.cfg, "--node", n],
+            stdout=open(os.path.join(tmp, f"resync-{n}.log"), "w"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if pair.status("alpha")["connection"] == "Connected":
+                return
+        except subprocess.CalledProcessError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("pair did not connect")
+        time.sleep(0.1)
+
+
+def _wait_disconnected(pair: ReplicatedTarget) -> None:
+    deadline = time.monotonic() + 30
+    while pair.status("alpha")["connection"] == "Connected":
+        if time.monotonic() > deadline:
+            raise RuntimeError("beta did not disconnect")
+        time.sleep(0.05)
+
+
 def run_resync_bench(args) -> int:
+    """Full sync of a random 1 GiB disk (first by `primary --force`, then by `invalidate`
+    on the target) and resync of 10% scattered dirty blocks, each round followed by nbdcopy
+    of the same data between two `nbdkit file` servers; medians of --repeat rounds."""
+    import random
     tmp = tempfile.mkdtemp(prefix="blockrep-resync-", dir=args.dir)
     size = args.size_mib << 20
-    rows = []
+    rounds = {"full sync": [], "10% scattered": []}
+    copies = {"full sync": [], "10% scattered": []}
     try:
         src = os.path.join(tmp, "src.img")
         print(f"# preparing {args.size_mib} MiB of random data in {tmp}", flush=True)
         with open(src, "wb") as f:
             for _ in range(size >> 20):
                 f.write(os.urandom(1 << 20))
-        # 1. full sync: alpha has the data, beta is blank
         alpha = os.path.join(tmp, "alpha.img")
         shutil.copyfile(src, alpha)
         pair = ReplicatedTarget("resync", alpha, tmp)
@@ -444,83 +488,78 @@ def run_resync_bench(args) -> int:
             f.truncate(size)
         for n in ("alpha", "beta"):
             pair.cli(n, "create-md", "--force")
-        data_size = None
+        sparse_src = os.path.join(tmp, "sparse-src.img")
+        uri = f"nbd://127.0.0.1:{pair.port}/"
         try:
-            for n in ("alpha", "beta"):
-                pair.nodes[n] = subprocess.Popen(
-                    [PY, "-m", "blockrep", "up", pair.cfg, "--node", n],
-                    stdout=open(os.path.join(tmp, f"resync-{n}.log"), "w"),
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if pair.status("alpha")["connection"] == "Connected":
-                        break
-                except subprocess.CalledProcessError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("pair did not connect")
-                time.sleep(0.1)
-            os.sync()
-            pair.cli("alpha", "primary", "--force")  # no skip: full initial sync
-            s = _wait_sync_done(pair, "alpha")
-            data_size = s["size_bytes"]
-            full = s["last_sync"]
-            if not _same(alpha, pair.secondary, data_size):
-                raise RuntimeError("full sync: disks differ afterwards")
-            rows.append(("full sync", full["total_bytes"], full["elapsed_s"],
-                         full["sent_bytes"]))
-            print(f"# full sync: {full}", flush=True)
-            # 2. sparse: 10% of the blocks, scattered, written while beta is disconnected
-            import random
-            rng = random.Random(42)
+            _start_pair(pair, tmp)
+            data_size = pair.status("alpha")["size_bytes"]
             nblocks = data_size // 4096
-            offs = sorted(rng.sample(range(nblocks), nblocks // 10))
-            listfile = os.path.join(tmp, "dirty.txt")
-            with open(listfile, "w") as f:
-                f.write("\n".join(str(b * 4096) for b in offs))
-            pair.cli("beta", "disconnect")
-            deadline = time.monotonic() + 30
-            while pair.status("alpha")["connection"] == "Connected":
-                if time.monotonic() > deadline:
-                    raise RuntimeError("beta did not disconnect")
-                time.sleep(0.05)
-            subprocess.run(["/usr/bin/python3", "-c", DIRTY_WRITER,
-                            f"nbd://127.0.0.1:{pair.port}/", listfile], check=True,
-                           timeout=600)
-            dirty = pair.status("alpha")["out_of_sync_bytes"]
-            os.sync()
-            pair.cli("beta", "connect")
-            s = _wait_sync_done(pair, "alpha")
-            sparse = s["last_sync"]
-            if not _same(alpha, pair.secondary, data_size):
-                raise RuntimeError("sparse resync: disks differ afterwards")
-            rows.append(("10% scattered", sparse["total_bytes"], sparse["elapsed_s"],
-                         sparse["sent_bytes"]))
-            print(f"# sparse resync: dirty {dirty} bytes, {sparse}", flush=True)
+            for rnd in range(args.repeat):
+                # full sync: alpha's data to a beta that has none
+                os.sync()
+                if rnd == 0:
+                    pair.cli("alpha", "primary", "--force")  # a new pair: full initial sync
+                else:
+                    pair.cli("beta", "invalidate")
+                s = _wait_sync_done(pair, "alpha")
+                full = s["last_sync"]
+                if not _same(alpha, pair.secondary, data_size):
+                    raise RuntimeError("full sync: disks differ afterwards")
+                rounds["full sync"].append((full["total_bytes"], full["elapsed_s"],
+                                            full["sent_bytes"]))
+                print(f"# round {rnd + 1} full sync: {full}", flush=True)
+                copies["full sync"].append(
+                    (data_size, _nbdcopy_time(src, tmp, data_size, "copy-full.img",
+                                              fresh=False)))
+                print(f"# round {rnd + 1} nbdcopy full: {copies['full sync'][-1]}", flush=True)
+                # sparse: 10% of the blocks, scattered, written while beta is disconnected
+                rng = random.Random(42 + rnd)
+                offs = sorted(rng.sample(range(nblocks), nblocks // 10))
+                listfile = os.path.join(tmp, "dirty.txt")
+                with open(listfile, "w") as f:
+                    f.write("\n".join(str(b * 4096) for b in offs))
+                pair.cli("beta", "disconnect")
+                _wait_disconnected(pair)
+                subprocess.run(["/usr/bin/python3", "-c", DIRTY_WRITER, uri, listfile],
+                               check=True, timeout=600)
+                dirty = pair.status("alpha")["out_of_sync_bytes"]
+                os.sync()
+                pair.cli("beta", "connect")
+                s = _wait_sync_done(pair, "alpha")
+                sparse = s["last_sync"]
+                if sparse["total_bytes"] != dirty:
+                    raise RuntimeError(f"resynced {sparse['total_bytes']} of {dirty} dirty")
+                if not _same(alpha, pair.secondary, data_size):
+                    raise RuntimeError("sparse resync: disks differ afterwards")
+                rounds["10% scattered"].append((sparse["total_bytes"], sparse["elapsed_s"],
+                                                sparse["sent_bytes"]))
+                print(f"# round {rnd + 1} sparse resync: dirty {dirty} bytes, {sparse}",
+                      flush=True)
+                with open(alpha, "rb") as fi, open(sparse_src, "wb") as fo:
+                    fo.truncate(os.path.getsize(src))
+                    for b in offs:
+                        fi.seek(b * 4096)
+                        fo.seek(b * 4096)
+                        fo.write(fi.read(4096))
+                copies["10% scattered"].append(
+                    (len(offs) * 4096, _nbdcopy_time(sparse_src, tmp, data_size,
+                                                     "copy-sparse.img", fresh=True)))
+                print(f"# round {rnd + 1} nbdcopy sparse: {copies['10% scattered'][-1]}",
+                      flush=True)
         finally:
             pair.stop()
-        # nbdcopy of the same data between two nbdkit file servers
-        t_full = _nbdcopy_time(src, tmp, data_size)
-        sparse_src = os.path.join(tmp, "sparse-src.img")
-        with open(src, "rb") as fi, open(sparse_src, "wb") as fo:
-            fo.truncate(data_size)
-            for b in offs:
-                fi.seek(b * 4096)
-                fo.seek(b * 4096)
-                fo.write(fi.read(4096))
-        t_sparse = _nbdcopy_time(sparse_src, tmp, data_size)
-        ncopy = {"full sync": (data_size, t_full),
-                 "10% scattered": (len(offs) * 4096, t_sparse)}
         print()
         print(f"{'case':<15} {'bytes':>12} {'resync s':>9} {'resync MB/s':>12} "
               f"{'on wire':>12} {'nbdcopy s':>10} {'nbdcopy MB/s':>13} {'ratio':>6}")
-        for name, total, secs, sent in rows:
-            nbytes, nsecs = ncopy[name]
+        for name in rounds:
+            total, secs, sent = sorted(rounds[name], key=lambda r: r[1])[len(rounds[name]) // 2]
+            nbytes = copies[name][0][0]
+            nsecs = _median([c[1] for c in copies[name]])
             r_mbs = total / secs / 1e6 if secs else float("inf")
             n_mbs = nbytes / nsecs / 1e6
             print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12} "
                   f"{nsecs:>10.2f} {n_mbs:>13.1f} {r_mbs / n_mbs:>5.2f}x")
+        print(f"(medians of {args.repeat} rounds; every round's figures are in the '#' lines)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
