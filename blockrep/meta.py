@@ -419,9 +419,6 @@ class MetaStore:
             self.bitmap_writes += 1
         return raw
 
-    def bitmap_dirty(self, offset: int, length: int) -> None:
-        """Bits were set in memory; the AL covers them until the extent leaves it."""
-
     def bitmap_changed(self) -> None:
         """Bits were cleared (resync progress): persist now and then, lazily."""
         if time.monotonic() - self._last_bitmap_flush > 2.0:

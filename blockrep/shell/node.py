@@ -565,9 +565,9 @@ class Node:
 
     # -- hooks from the write paths ----------------------------------------------------------
     def mark_out_of_sync(self, offset: int, length: int) -> None:
+        # in memory only: on disk the activity log covers these blocks until their extent
+        # leaves it (its bitmap words are written then), and link loss flushes the bitmap
         self.bitmap.set_range(offset, length)
-        if self.store is not None:
-            self.store.bitmap_dirty(offset, length)
 
     def bitmap_changed(self) -> None:
         if self.store is not None:

@@ -86,6 +86,8 @@ class Verify:
         if node.repl in (ReplState.VERIFY_SOURCE,):
             node.repl = ReplState.ESTABLISHED
         node.persist()
+        if node.store is not None:
+            node.store.flush_bitmap()  # what verify found is not covered by the AL
         log.info("verify %s: %d out-of-sync block(s) found (%d bytes)", self.state,
                  self.found_blocks, self.found_blocks * BLOCK)
         node.emit("verify-finished", **node.last_verify)
@@ -203,6 +205,8 @@ def on_verify_control(node, link, body: dict) -> None:
             node.verify = None
             node.repl = ReplState.ESTABLISHED
             node.persist()
+            if node.store is not None:
+                node.store.flush_bitmap()
             log.info("verify finished (target): %d out-of-sync block(s)", v.found_blocks)
             node.emit("verify-finished", **node.last_verify)
     else:
