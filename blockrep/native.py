@@ -42,7 +42,8 @@ def py_crc32c_blocks(data, block_size: int) -> bytes:
     return struct.pack(f"<{len(out)}I", *out)
 
 
-def py_preadv(fd: int, items) -> int:
+def _py_batch(fd: int, items, write: bool) -> int:
+    """Each (offset, buffer) in turn, short transfers continued; a read stops at EOF."""
     total = 0
     for offset, buf in items:
         if offset < 0:
@@ -50,25 +51,22 @@ def py_preadv(fd: int, items) -> int:
         mv = memoryview(buf).cast("B")
         done = 0
         while done < len(mv):
-            n = os.preadv(fd, [mv[done:]], offset + done)
+            n = (os.pwritev if write else os.preadv)(fd, [mv[done:]], offset + done)
             if n == 0:
+                if write:
+                    raise OSError(5, "pwritev wrote nothing")
                 return total + done
             done += n
         total += done
     return total
 
 
+def py_preadv(fd: int, items) -> int:
+    return _py_batch(fd, items, write=False)
+
+
 def py_pwritev(fd: int, items) -> int:
-    total = 0
-    for offset, buf in items:
-        if offset < 0:
-            raise ValueError("negative offset")
-        mv = memoryview(buf).cast("B")
-        done = 0
-        while done < len(mv):
-            done += os.pwritev(fd, [mv[done:]], offset + done)
-        total += done
-    return total
+    return _py_batch(fd, items, write=True)
 
 
 def _load():

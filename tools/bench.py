@@ -122,6 +122,17 @@ nbd = "127.0.0.1:{free_port()}"
         shutil.copyfile(self.disk, self.secondary)  # identical content: no initial sync
         for n in ("alpha", "beta"):
             self.cli(n, "create-md", "--force")
+        self.start_nodes(log_dir)
+        self.cli("alpha", "primary", "--force", "--skip-initial-sync")
+        deadline = time.monotonic() + 30
+        while self.status("alpha")["peer"]["disk"] != "UpToDate":
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicated pair did not become UpToDate")
+            time.sleep(0.1)
+        self.proc = self.nodes["alpha"]
+
+    def start_nodes(self, log_dir: str) -> None:
+        """Start both nodes (`blockrep up`) and wait until they are connected."""
         for n in ("alpha", "beta"):
             log = open(os.path.join(log_dir, f"{self.name}-{n}.log"), "w")
             self.nodes[n] = subprocess.Popen(
@@ -131,19 +142,12 @@ nbd = "127.0.0.1:{free_port()}"
         while True:
             try:
                 if self.status("alpha")["connection"] == "Connected":
-                    break
+                    return
             except subprocess.CalledProcessError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("replicated pair did not connect")
             time.sleep(0.1)
-        self.cli("alpha", "primary", "--force", "--skip-initial-sync")
-        deadline = time.monotonic() + 30
-        while self.status("alpha")["peer"]["disk"] != "UpToDate":
-            if time.monotonic() > deadline:
-                raise RuntimeError("replicated pair did not become UpToDate")
-            time.sleep(0.1)
-        self.proc = self.nodes["alpha"]
 
     def stop(self) -> None:
         for p in self.nodes.values():
@@ -440,24 +444,6 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def _start_pair(pair: ReplicatedTarget, tmp: str) -> None:
-    for n in ("alpha", "beta"):
-        pair.nodes[n] = subprocess.Popen(
-            [PY, "-m", "blockrep", "up", pair.cfg, "--node", n],
-            stdout=open(os.path.join(tmp, f"resync-{n}.log"), "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if pair.status("alpha")["connection"] == "Connected":
-                return
-        except subprocess.CalledProcessError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("pair did not connect")
-        time.sleep(0.1)
-
-
 def _wait_disconnected(pair: ReplicatedTarget) -> None:
     deadline = time.monotonic() + 30
     while pair.status("alpha")["connection"] == "Connected":
@@ -491,7 +477,7 @@ def run_resync_bench(args) -> int:
         sparse_src = os.path.join(tmp, "sparse-src.img")
         uri = f"nbd://127.0.0.1:{pair.port}/"
         try:
-            _start_pair(pair, tmp)
+            pair.start_nodes(tmp)
             data_size = pair.status("alpha")["size_bytes"]
             nblocks = data_size // 4096
             for rnd in range(args.repeat):
