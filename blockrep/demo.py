@@ -143,6 +143,7 @@ def run_demo(args) -> int:
         st = _status(cfg_path, "alpha")
         host, port = cfg.nodes["alpha"].nbd
         uri = f"nbd://{host}:{port}/"
+        exe = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "blockrep"))
         print(f"""
 blockrep demo is running: resource r0, {size >> 20} MiB, protocol C
   alpha (Primary)   disk {cfg.nodes['alpha'].disk}
@@ -156,8 +157,8 @@ NBD URI: {uri}
   nbdfuse /tmp/mnt {uri} &   # then: losetup -f --show /tmp/mnt/nbd
   (with a kernel nbd module: nbd-client -N '' {host} {port} /dev/nbd0)
 Watch it:
-  blockrep status {cfg_path} --node alpha
-  blockrep events {cfg_path} --node beta
+  {exe} status {cfg_path} --node alpha
+  {exe} events {cfg_path} --node beta
 Logs: {d}/alpha.log, {d}/beta.log.   Ctrl-C stops both nodes.""", flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stopping:
