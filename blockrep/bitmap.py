@@ -86,11 +86,6 @@ class Bitmap:
         bit = offset >> BLOCK_SHIFT
         return bool((int(self.words[bit >> 6]) >> (bit & 63)) & 1)
 
-    def any_in(self, offset: int, length: int) -> bool:
-        s = offset >> BLOCK_SHIFT
-        e = min(((offset + length - 1) >> BLOCK_SHIFT) + 1, self.nbits)
-        return any(True for _ in self.runs(s, e))
-
     def count(self) -> int:
         return _popcount(self.words)
 

@@ -226,16 +226,6 @@ class Disk:
             pos = hole
         return out  # shorter than `length` only when max_extents was reached
 
-    def is_all_data(self, offset: int, length: int) -> bool:
-        """True if [offset, offset+length) holds no hole (two lseeks)."""
-        if self.is_block:
-            return True
-        try:
-            return (os.lseek(self.fd, offset, os.SEEK_DATA) == offset
-                    and os.lseek(self.fd, offset, os.SEEK_HOLE) >= offset + length)
-        except OSError:
-            return False
-
     def starts_with_data(self, offset: int) -> bool:
         """Cheap probe: is the byte at offset allocated? (one lseek)"""
         if self.is_block:

@@ -317,14 +317,6 @@ def test_runs_window_match_reference(case, a, b):
         assert n > 0 and a <= s and s + n <= min(b, bm.nbits)
 
 
-@SETTINGS
-@given(random_bitmaps(), st.integers(0, 700 * BLOCK), st.integers(1, 64 * BLOCK))
-def test_any_in_matches_reference(case, off, ln):
-    bm, bits = case
-    first, last = off // BLOCK, (off + ln - 1) // BLOCK
-    assert bm.any_in(off, ln) == any(bits[first:last + 1])
-
-
 def test_runs_examples():
     bm = Bitmap(256 * BLOCK)
     set_blocks(bm, [0, 1, 2, 63, 64, 65, 127, 128, 200])

@@ -459,21 +459,17 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             self._out.clear()
 
-    def _run_async(self, cookie, cmd, fn, *args, reply=None):
-        """Run fn(*args) in the I/O threads; then send `reply` (or a simple OK/error)."""
+    def _run_async(self, cookie, cmd, fn, *args):
+        """Run fn(*args) in the I/O threads, then send a simple OK or error reply."""
         self._inflight += 1
         fut = self._loop.run_in_executor(self._executor, fn, *args)
-        fut.add_done_callback(partial(self._async_done, cookie, cmd, reply))
+        fut.add_done_callback(partial(self._async_done, cookie, cmd))
 
-    def _async_done(self, cookie, cmd, reply, fut):
+    def _async_done(self, cookie, cmd, fut):
         self._inflight -= 1
         exc = fut.exception()
         if not self.transport.is_closing():
-            if exc is None and reply is not None:
-                self._out.extend(reply)
-            else:
-                self._reply_err(cookie, nbd_error(exc) if exc else 0, cmd,
-                                str(exc) if exc else "")
+            self._reply_err(cookie, nbd_error(exc) if exc else 0, cmd, str(exc) if exc else "")
             self._flush_out()
         self._wake_idle()
 

@@ -583,10 +583,6 @@ class Node:
                 oldest = r.epoch if self.replicating_link() is not None else 1 << 62
             self.store.activity(offset, length, r.epoch, oldest)
 
-    def note_applied(self, offset: int, length: int) -> None:
-        if self.verify is not None:
-            self.verify.note_write(offset, length)
-
     # -- state helpers -----------------------------------------------------------------------
     def set_disk(self, new: DiskState) -> None:
         if new != self.disk_state:

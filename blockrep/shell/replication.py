@@ -370,7 +370,6 @@ class Applier:
         else:
             self.writes_applied += 1
             self.bytes_applied += size
-            self.node.note_applied(offset, size)
             if flags & proto.F_FUA:
                 self.node.run_io(self.disk.flush, lambda e: self._ack(
                     link, P.WRITE_ACK if e is None else P.NEG_ACK, pid, offset, 0))

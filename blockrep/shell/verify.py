@@ -47,9 +47,6 @@ class Verify:
             self.reason = reason
         self.wake.set()
 
-    def note_write(self, offset: int, length: int) -> None:
-        """Application writes need no special care (see the module docstring)."""
-
     def status(self, now: float) -> dict:
         d = self.progress.as_dict(now)
         return {"state": self.state, "percent": d["percent"], "done_bytes": d["done_bytes"],
@@ -120,9 +117,6 @@ class VerifyTarget:
     def cancel(self, reason: str) -> None:
         self.state = "cancelled"
         self.reason = reason
-
-    def note_write(self, offset: int, length: int) -> None:
-        """Nothing to do: requests and writes arrive in one ordered stream."""
 
     def status(self, now: float) -> dict:
         d = self.progress.as_dict(now)
