@@ -264,6 +264,7 @@ class MetaStore:
         self.al_limit = min(sb.al_extents, AL_MAX_PER_SLOT)
         self.al_writes = 0
         self.bitmap_writes = 0
+        self._last_saved: tuple | None = None  # what save_state wrote last (skip repeats)
         self._last_bitmap_flush = time.monotonic()
         self._bitmap_flushed_gen = self.bitmap.generation
         if read_only:
@@ -306,18 +307,14 @@ class MetaStore:
             return
         stored = disk_state if disk_state != DiskState.DUNKNOWN else self.sb.disk_state
         flags = (self.sb.flags & ~F_PRIMARY) | (F_PRIMARY if was_primary else 0)
-        if (stored, flags, self.gen.current, self.gen.bitmap, tuple(self.gen.history)) == \
-                self._saved_key():
+        key = (stored, flags, self.gen.current, self.gen.bitmap, tuple(self.gen.history))
+        if key == self._last_saved:
             return
         self.sb.disk_state = stored
         self.sb.flags = flags
         self.sb.gen = self.gen
         self._write_sb()
-        self._last_saved = (stored, flags, self.gen.current, self.gen.bitmap,
-                            tuple(self.gen.history))
-
-    def _saved_key(self):
-        return getattr(self, "_last_saved", None)
+        self._last_saved = key
 
     def clean_shutdown(self, was_primary: bool) -> None:
         if self.read_only:

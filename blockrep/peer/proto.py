@@ -59,6 +59,7 @@ F_FUA = 1 << 0
 F_NO_HOLE = 1 << 1
 F_FLUSH = 1 << 2  # on BARRIER: flush the disk before acking
 F_ZERO = 1 << 3   # on RS_DATA: the block range is all zeroes, no payload
+F_PART = 1 << 4   # on RS_DATA: part of a checksum-mode request (answers an RS_REQUEST)
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
 DATA_TYPES = frozenset({P.DATA, P.RS_DATA})

@@ -425,7 +425,7 @@ class Node:
         self.last_error = msg
         self.emit("connection-refused", reason=msg)
         if tell_peer:
-            link.send_control(P.REFUSE, {"reason": msg})
+            link.send_control(P.REFUSE, {"reason": msg, "standalone": standalone})
         link.close(msg)
         if standalone:
             self.conn = ConnState.STANDALONE
@@ -466,7 +466,7 @@ class Node:
         reason = f"peer refused: {body.get('reason', '')}"
         log.error("%s", reason)
         self.last_error = reason
-        if "split brain" in reason or "unrelated" in reason or "sync target" in reason:
+        if body.get("standalone"):  # the refusal needs the operator: stop reconnecting
             self.conn = ConnState.STANDALONE
         link.close(reason)
 

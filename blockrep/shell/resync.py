@@ -186,7 +186,7 @@ class ResyncSource:
         if rng is None or not (rng[0] <= offset and offset + size <= rng[0] + rng[1]):
             raise proto.LinkProtocolError("resync data request outside an open request")
         data = self.disk.read(offset, size)
-        self.link.send(proto.data_header(P.RS_DATA, pid, offset, data, proto.F_FUA), data)
+        self.link.send(proto.data_header(P.RS_DATA, pid, offset, data, proto.F_PART), data)
         self.progress.sent_bytes += size
 
 
@@ -209,7 +209,7 @@ class ResyncTarget:
         else:
             if len(payload) != size or proto.native.crc32c(payload) != crc:
                 raise proto.LinkProtocolError(f"CRC32C mismatch in resync data at {offset}")
-            if size >= ASYNC_MIN and not flags & proto.F_FUA:
+            if size >= ASYNC_MIN and not flags & proto.F_PART:
                 # the source holds back application writes to this range until our ack,
                 # so writing it in a thread cannot reorder it against one
                 if link.owns(payload):  # a view of the receive ring, reused soon: copy
@@ -218,7 +218,7 @@ class ResyncTarget:
                                  lambda exc: self._written(link, pid, offset, size, exc))
                 return
             self.disk.write(offset, payload)
-        if flags & proto.F_FUA:  # part of a checksum-mode request
+        if flags & proto.F_PART:  # part of a checksum-mode request
             left = self.partial.get(pid, 0) - size
             if left > 0:
                 self.partial[pid] = left
