@@ -50,12 +50,31 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat fields 14-15),
+    0.0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 @dataclass
 class Target:
     name: str
     argv: list
     port: int
     proc: subprocess.Popen | None = None
+    py: str = PY  # the Python (and so the blockrep checkout) that runs blockrep targets
+
+    def cpu_pids(self) -> dict[str, int]:
+        """The processes whose CPU time is this target's cost, by role."""
+        return {"server": self.proc.pid} if self.proc else {}
 
     def start(self, log_dir: str) -> None:
         log = open(os.path.join(log_dir, f"{self.name}.log"), "w")
@@ -80,18 +99,19 @@ class Target:
 class ReplicatedTarget(Target):
     """A blockrep primary with a connected secondary, both on loopback."""
 
-    def __init__(self, name: str, disk: str, tmp: str):
+    def __init__(self, name: str, disk: str, tmp: str, py: str = PY):
         self.tmp = tmp
         self.disk = disk
-        self.secondary = os.path.join(tmp, "secondary.img")
+        tag = name.replace("@", "-")
+        self.secondary = os.path.join(tmp, f"{tag}-secondary.img")
         ports = [free_port() for _ in range(3)]
-        super().__init__(name, [], ports[2])
-        self.cfg = os.path.join(tmp, "bench-r0.toml")
+        super().__init__(name, [], ports[2], py=py)
+        self.cfg = os.path.join(tmp, f"{tag}-r0.toml")
         with open(self.cfg, "w") as f:
             f.write(f"""[resource]
 name = "bench"
 shared-secret = "bench"
-run-dir = "{tmp}/run"
+run-dir = "{tmp}/run-{tag}"
 [node.alpha]
 address = "127.0.0.1:{ports[0]}"
 disk = "{disk}"
@@ -103,14 +123,23 @@ nbd = "127.0.0.1:{free_port()}"
 """)
         self.nodes = {}
 
+    def cpu_pids(self) -> dict[str, int]:
+        return {"primary": self.nodes["alpha"].pid, "secondary": self.nodes["beta"].pid} \
+            if self.nodes else {}
+
     def cli(self, node, *args):
-        return subprocess.run([PY, "-m", "blockrep", args[0], self.cfg, "--node", node,
+        return subprocess.run([self.py, "-m", "blockrep", args[0], self.cfg, "--node", node,
                                *args[1:]], capture_output=True, text=True, check=True,
                               timeout=120).stdout
 
     def status(self, node):
         """Over the admin socket, in this process: a CLI process per poll would steal the
-        CPU the measured resync needs."""
+        CPU the measured resync needs (another checkout's nodes: through its CLI)."""
+        if self.py != PY:
+            try:
+                return json.loads(self.cli(node, "status", "--json"))
+            except subprocess.CalledProcessError as exc:
+                raise subprocess.CalledProcessError(1, "status", str(exc)) from None
         from blockrep import config
         from blockrep.cli import admin_call
         try:
@@ -136,7 +165,7 @@ nbd = "127.0.0.1:{free_port()}"
         for n in ("alpha", "beta"):
             log = open(os.path.join(log_dir, f"{self.name}-{n}.log"), "w")
             self.nodes[n] = subprocess.Popen(
-                [PY, "-m", "blockrep", "up", self.cfg, "--node", n], stdout=log,
+                [self.py, "-m", "blockrep", "up", self.cfg, "--node", n], stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
@@ -170,6 +199,10 @@ class QsdMirrorTarget(Target):
         self.disk, self.tmp, self.transport = disk, tmp, transport
         self.target_img = os.path.join(tmp, f"{name}-target.img")
         self.procs = []
+
+    def cpu_pids(self) -> dict[str, int]:
+        return {"qsd": self.procs[1].pid, "qemu-nbd": self.procs[0].pid} \
+            if len(self.procs) == 2 else {}
 
     def start(self, log_dir: str) -> None:
         shutil.copyfile(self.disk, self.target_img)
@@ -247,17 +280,25 @@ class QsdMirrorTarget(Target):
                 p.wait()
 
 
-def make_targets(disk: str, names: list[str], tmp: str = "/tmp") -> list[Target]:
+def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
+                 baseline: str | None = None) -> list[Target]:
+    """`NAME@base` runs blockrep target NAME from the checkout `baseline` (its .venv)."""
     out = []
     for name in names:
         port = free_port()
-        if name == "blockrep":
-            argv = [PY, "-m", "blockrep", "serve", "--disk", disk,
+        kind, _, at = name.partition("@")
+        py = PY
+        if at:
+            if at != "base" or not baseline or not kind.startswith("blockrep"):
+                raise SystemExit(f"unknown target {name} (NAME@base needs --baseline DIR)")
+            py = os.path.join(os.path.abspath(baseline), ".venv", "bin", "python")
+        if kind == "blockrep":
+            argv = [py, "-m", "blockrep", "serve", "--disk", disk,
                     "--listen", f"127.0.0.1:{port}"]
         elif name == "nbdkit":
             argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", disk]
-        elif name == "blockrep-repl":
-            out.append(ReplicatedTarget(name, disk, tmp))
+        elif kind == "blockrep-repl":
+            out.append(ReplicatedTarget(name, disk, tmp, py=py))
             continue
         elif name in ("qsd-mirror-unix", "qsd-mirror-tcp"):
             out.append(QsdMirrorTarget(name, disk, tmp, name.rsplit("-", 1)[1]))
@@ -267,28 +308,65 @@ def make_targets(disk: str, names: list[str], tmp: str = "/tmp") -> list[Target]
                     "-t", "-e", "8", "--cache=writeback", "--aio=threads", disk]
         else:
             raise SystemExit(f"unknown target {name}")
-        out.append(Target(name, argv, port))
+        out.append(Target(name, argv, port, py=py))
     return out
 
 
-def run_fio(uri: str, wl: dict, runtime: int, size: int) -> dict:
+def run_fio(uri: str, wl: dict, runtime: int, size: int,
+            cpu_pids: dict[str, int] | None = None, ramp: int = 1) -> dict:
+    """One fio run. With `cpu_pids`, the servers' CPU time is sampled after the ramp and at
+    the end: `cpu_cores` is CPU seconds per wall second per process, and per operation /
+    per MiB it is that rate divided by fio's IOPS / MiB/s. The client's own CPU comes from
+    fio's usr_cpu + sys_cpu."""
     argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={wl['rw']}",
             f"--bs={wl['bs']}", f"--iodepth={wl['iodepth']}", "--numjobs=1",
-            f"--size={size}", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
+            f"--size={size}", "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}",
             "--randrepeat=0", "--norandommap", "--output-format=json"]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
-    if res.returncode != 0:
-        raise RuntimeError(f"fio failed: {res.stderr.strip()[-500:]}")
-    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu0 = t0 = None
+    if cpu_pids:
+        time.sleep(ramp)
+        t0 = time.monotonic()
+        cpu0 = {k: proc_cpu(p) for k, p in cpu_pids.items()}
+    try:
+        out, err = proc.communicate(timeout=runtime + 120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    if cpu_pids:
+        wall = time.monotonic() - t0
+        cores = {k: (proc_cpu(p) - cpu0[k]) / wall for k, p in cpu_pids.items()}
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed: {err.strip()[-500:]}")
+    job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["write"] if "write" in wl["rw"] else job["read"]
     pct = side["clat_ns"].get("percentile", {})
-    return {
+    r = {
         "iops": side["iops"],
         "mbs": side["bw_bytes"] / 1e6,
         "p50_us": pct.get("50.000000", 0) / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
         "errors": job.get("error", 0),
+        "client_cores": (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100,
     }
+    if cpu_pids:
+        r["cpu_cores"] = cores
+    return r
+
+
+def cpu_costs(r: dict) -> dict:
+    """Per process (and 'total' for the servers, 'client' for fio): CPU microseconds per
+    operation and CPU milliseconds per MiB moved."""
+    out = {}
+    mib_s = r["mbs"] * 1e6 / (1 << 20)
+    cores = dict(r.get("cpu_cores", {}))
+    if cores:
+        cores["total"] = sum(cores.values())
+    cores["client"] = r["client_cores"]
+    for k, c in cores.items():
+        out[k] = (c / r["iops"] * 1e6 if r["iops"] else 0.0,
+                  c / mib_s * 1e3 if mib_s else 0.0)
+    return out
 
 
 def prepare_disk(path: str, size: int) -> None:
@@ -301,8 +379,9 @@ def prepare_disk(path: str, size: int) -> None:
 
 
 def print_table(results: dict, targets: list[str], workloads: list[str]) -> None:
-    hdr = f"{'workload':<20} {'target':<10} {'IOPS':>10} {'MB/s':>9} {'p50 us':>9} " \
-          f"{'p99 us':>9} {'vs nbdkit':>9}"
+    hdr = f"{'workload':<20} {'target':<20} {'IOPS':>9} {'MB/s':>8} {'p50 us':>8} " \
+          f"{'p99 us':>8} {'vs nbdkit':>9} {'srv us/op':>9} {'srv ms/MiB':>10} " \
+          f"{'fio us/op':>9}  per process us/op"
     print(hdr)
     print("-" * len(hdr))
     for wl in workloads:
@@ -312,8 +391,13 @@ def print_table(results: dict, targets: list[str], workloads: list[str]) -> None
             if r is None:
                 continue
             ratio = f"{r['iops'] / base['iops']:.2f}x" if base and base["iops"] else "-"
-            print(f"{wl:<20} {t:<10} {r['iops']:>10.0f} {r['mbs']:>9.1f} "
-                  f"{r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {ratio:>9}")
+            c = cpu_costs(r)
+            srv = c.get("total", (0.0, 0.0))
+            per = " ".join(f"{k}={v[0]:.1f}" for k, v in c.items()
+                           if k not in ("total", "client"))
+            print(f"{wl:<20} {t:<20} {r['iops']:>9.0f} {r['mbs']:>8.1f} "
+                  f"{r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {ratio:>9} {srv[0]:>9.1f} "
+                  f"{srv[1]:>10.2f} {c['client'][0]:>9.1f}  {per}")
     sys.stdout.flush()
 
 
@@ -335,6 +419,23 @@ def print_ratios(results: dict, names: list[str], wls: list[str]) -> None:
         print(f"{wl:<20} {a:>16} {b:>21}")
 
 
+def print_baseline(results: dict, names: list[str], wls: list[str]) -> None:
+    """With --baseline: this checkout against the baseline checkout, target by target."""
+    pairs = [(n, n + "@base") for n in names if n + "@base" in names]
+    if not pairs:
+        return
+    print()
+    print(f"{'workload':<20} {'target':<16} {'IOPS now/base':>14} {'CPU/op now/base':>16}")
+    for wl in wls:
+        for now, base in pairs:
+            a, b = results.get((now, wl)), results.get((base, wl))
+            if not a or not b or not b["iops"]:
+                continue
+            ca, cb = cpu_costs(a).get("total"), cpu_costs(b).get("total")
+            cpu = f"{ca[0] / cb[0]:.2f}x" if ca and cb and cb[0] else "-"
+            print(f"{wl:<20} {now:<16} {a['iops'] / b['iops']:>13.2f}x {cpu:>16}")
+
+
 def run_io_bench(args) -> int:
     """All targets run at once on the same file; each workload runs on each target in turn,
     `--repeat` rounds, so slow drifts of this shared machine hit every target alike. The
@@ -348,9 +449,17 @@ def run_io_bench(args) -> int:
     print(f"# preparing {args.size_mib} MiB backing file in {tmp}", flush=True)
     prepare_disk(disk, size)
     samples: dict = {}
-    targets = make_targets(disk, names, tmp)
     started = []
     try:
+        # every target gets its own copy of the same data: servers that lock their disk
+        # (blockrep does) can run side by side, and none sees another's metadata
+        targets = []
+        for name in names:
+            own = os.path.join(tmp, f"disk-{name.replace('@', '-')}.img")
+            subprocess.run(["cp", "--reflink=auto", disk, own], check=True)
+            targets += make_targets(own, [name], tmp, baseline=args.baseline)
+        os.unlink(disk)
+        os.sync()
         for target in targets:
             target.start(tmp)
             started.append(target)
@@ -358,19 +467,25 @@ def run_io_bench(args) -> int:
             for rnd in range(args.repeat):
                 for target in targets:
                     os.sync()  # every run starts with no dirty data
-                    r = run_fio(target.uri, WORKLOADS[wl], args.runtime, fio_size)
+                    r = run_fio(target.uri, WORKLOADS[wl], args.runtime, fio_size,
+                                cpu_pids=target.cpu_pids())
                     samples.setdefault((target.name, wl), []).append(r)
-                    print(f"# {target.name:<15} {wl:<18} round {rnd + 1}: {r['iops']:>9.0f} "
+                    cpu = " ".join(f"{k} {v:.2f}" for k, v in r["cpu_cores"].items())
+                    print(f"# {target.name:<20} {wl:<18} round {rnd + 1}: {r['iops']:>9.0f} "
                           f"IOPS {r['mbs']:>8.1f} MB/s p50 {r['p50_us']:.0f}us "
-                          f"p99 {r['p99_us']:.0f}us", flush=True)
+                          f"p99 {r['p99_us']:.0f}us cores: {cpu} fio {r['client_cores']:.2f}",
+                          flush=True)
     finally:
         for target in started:
             target.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     results = {k: sorted(v, key=lambda r: r["iops"])[len(v) // 2] for k, v in samples.items()}
     print()
+    print(f"(median round of {args.repeat} by IOPS; CPU: user+sys of every thread from "
+          f"/proc/PID/stat over the measured part of the run; srv = all server processes)")
     print_table(results, names, wls)
     print_ratios(results, names, wls)
+    print_baseline(results, names, wls)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{t}/{w}": v for (t, w), v in samples.items()}, f, indent=1)
@@ -564,6 +679,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="backing file size")
     ap.add_argument("--dir", help="where the backing files go (default: a temp dir)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--baseline", help="another blockrep checkout (with its .venv): targets "
+                                       "NAME@base run from it, e.g. blockrep-repl@base")
     args = ap.parse_args(argv)
     for tool in ("fio", "nbdkit", "qemu-nbd", "nbdcopy"):
         if not shutil.which(tool):
