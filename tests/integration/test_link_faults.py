@@ -1,0 +1,99 @@
+"""blockrep's replication through the link proxy (blockrep/faults/proxy.py): a blackhole makes
+the Primary declare its peer lost after `timeout` while clients keep being served, and a byte
+flipped on the wire is caught by the data CRC32C (the link drops, reconnects, resyncs, and
+both disks end identical with what the client wrote)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from helpers import require_tool
+from nbd_testlib import RawClient
+from repltools import MiB, cmp_data, read_at
+
+from blockrep.faults.proxy import ProxyThread
+
+
+def route_through_proxy(c) -> ProxyThread:
+    """alpha (the node that dials) reaches beta's link port through a proxy: rewrite beta's
+    address in alpha's configuration (beta keeps listening on its own port)."""
+    link_port = c.ports["beta"][0]
+    proxy = ProxyThread(("127.0.0.1", link_port), seed=8)
+    path = c.configs["alpha"]
+    with open(path) as f:
+        text = f.read()
+    head, sep, tail = text.partition("[node.beta]")
+    tail = tail.replace(f'address = "127.0.0.1:{link_port}"',
+                        f'address = "127.0.0.1:{proxy.port}"', 1)
+    with open(path, "w") as f:
+        f.write(head + sep + tail)
+    return proxy
+
+
+def established(s) -> bool:
+    return s["connection"] == "Connected" and s["replication"] == "Established"
+
+
+def test_blackhole_peer_declared_lost_after_timeout_then_resyncs(cluster, tmp_path):
+    require_tool("cmp")
+    c = cluster(size="64M")  # timeout 3 s, ping-interval 0.5 s
+    with route_through_proxy(c) as proxy:
+        c.up_pair()
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            assert nbd.write(0, b"\x11" * MiB) == 0
+            proxy.blackhole(True)
+            t0 = time.monotonic()
+            # a write during the blackhole is acknowledged once the peer is declared lost
+            assert nbd.write(MiB, b"\x22" * MiB) == 0
+            write_done = time.monotonic() - t0
+            a = c.wait_status("alpha", lambda s: s["connection"] != "Connected" or
+                              s["replication"] == "Off", 30, "peer declared lost", fast=True)
+            lost_after = time.monotonic() - t0
+            assert a["role"] == "Primary" and a["out_of_sync_bytes"] >= MiB, a
+            assert "timed out" in c.log("alpha") and "declaring it lost" in c.log("alpha")
+            print(f"\nblackhole: write acknowledged after {write_done:.2f} s, peer lost "
+                  f"seen after {lost_after:.2f} s (timeout 3.0 s)")
+            assert write_done >= 3.0 * 0.9  # not before the timeout: the peer may be alive
+            assert proxy.stats()["connections"] <= 1
+            assert nbd.write(2 * MiB, b"\x33" * MiB) == 0  # degraded: served locally
+            proxy.blackhole(False)
+            c.wait_status("alpha", lambda s: established(s) and s["out_of_sync_bytes"] == 0,
+                          60, "reconnected and resynced", fast=True)
+            c.wait_status("beta", lambda s: established(s) and s["disk"] == "UpToDate",
+                          30, "beta UpToDate", fast=True)
+            nbd.disconnect()
+        assert proxy.stats()["counts"]["blackholes"] == 1
+    cmp_data(c, a["size_bytes"])
+    assert read_at(c.disk("beta"), 2 * MiB, MiB) == b"\x33" * MiB
+
+
+def test_flipped_byte_is_caught_by_crc_link_drops_and_data_ends_identical(cluster, tmp_path):
+    require_tool("cmp")
+    c = cluster(size="64M")
+    with route_through_proxy(c) as proxy:
+        c.up_pair()
+        data = os.urandom(4 * MiB)
+        # the middle byte of the next ≥ 64 KiB chunk toward beta: inside a P_DATA payload
+        proxy.flip(direction="fwd", count=1, min_chunk=64 * 1024)
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            for off in range(0, len(data), MiB):
+                assert nbd.write(off, data[off:off + MiB]) == 0  # the client sees no error
+            c.wait_status("beta", lambda s: "CRC32C mismatch" in (s["last_error"] or "")
+                          or "CRC32C mismatch" in c.log("beta"), 30, "CRC mismatch seen",
+                          fast=True)
+            c.wait_status("alpha", lambda s: established(s) and s["out_of_sync_bytes"] == 0
+                          and s["counters"]["writes_pending_peer"] == 0, 60,
+                          "reconnected and resynced", fast=True)
+            b = c.wait_status("beta", lambda s: established(s) and s["disk"] == "UpToDate",
+                              30, "beta UpToDate", fast=True)
+            nbd.disconnect()
+        st = proxy.stats()
+    assert len(st["flipped"]) == 1, st
+    assert st["counts"]["accepted"] >= 2, st  # the link was re-made after the drop
+    assert re.search(r"CRC32C mismatch in write at \d+", c.log("beta")), c.log("beta")[-2000:]
+    cmp_data(c, b["size_bytes"])
+    assert read_at(c.disk("beta"), 0, len(data)) == data
