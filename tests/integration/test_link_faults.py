@@ -9,27 +9,10 @@ import os
 import re
 import time
 
+from faulttools import route_through_proxy
 from helpers import require_tool
 from nbd_testlib import RawClient
 from repltools import MiB, cmp_data, read_at
-
-from blockrep.faults.proxy import ProxyThread
-
-
-def route_through_proxy(c) -> ProxyThread:
-    """alpha (the node that dials) reaches beta's link port through a proxy: rewrite beta's
-    address in alpha's configuration (beta keeps listening on its own port)."""
-    link_port = c.ports["beta"][0]
-    proxy = ProxyThread(("127.0.0.1", link_port), seed=8)
-    path = c.configs["alpha"]
-    with open(path) as f:
-        text = f.read()
-    head, sep, tail = text.partition("[node.beta]")
-    tail = tail.replace(f'address = "127.0.0.1:{link_port}"',
-                        f'address = "127.0.0.1:{proxy.port}"', 1)
-    with open(path, "w") as f:
-        f.write(head + sep + tail)
-    return proxy
 
 
 def established(s) -> bool:
@@ -39,7 +22,7 @@ def established(s) -> bool:
 def test_blackhole_peer_declared_lost_after_timeout_then_resyncs(cluster, tmp_path):
     require_tool("cmp")
     c = cluster(size="64M")  # timeout 3 s, ping-interval 0.5 s
-    with route_through_proxy(c) as proxy:
+    with route_through_proxy(c, seed=8) as proxy:
         c.up_pair()
         with RawClient(c.nbd_port("alpha")) as nbd:
             nbd.handshake()
@@ -73,7 +56,7 @@ def test_blackhole_peer_declared_lost_after_timeout_then_resyncs(cluster, tmp_pa
 def test_flipped_byte_is_caught_by_crc_link_drops_and_data_ends_identical(cluster, tmp_path):
     require_tool("cmp")
     c = cluster(size="64M")
-    with route_through_proxy(c) as proxy:
+    with route_through_proxy(c, seed=8) as proxy:
         c.up_pair()
         data = os.urandom(4 * MiB)
         # the middle byte of the next ≥ 64 KiB chunk toward beta: inside a P_DATA payload
