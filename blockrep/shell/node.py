@@ -17,6 +17,7 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import sdnotify
 from .. import state as st
 from ..bitmap import Bitmap
 from ..config import ResourceConfig
@@ -147,7 +148,9 @@ class Node:
         await self.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop_event.set)
+        sdnotify.ready(self)  # systemd Type=notify: attached and listening
         await self.stop_event.wait()
+        sdnotify.stopping(self)
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -741,6 +744,7 @@ class Node:
 
     # -- events ------------------------------------------------------------------------------
     def emit(self, kind: str, **fields) -> None:
+        sdnotify.state_changed(self)
         if not self.subscribers:
             return
         line = (json.dumps({"event": kind, "time": round(self.loop.time(), 3),
