@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import start_serve  # noqa: E402
+from support.helpers import start_serve  # noqa: E402
 
 
 @pytest.fixture
@@ -27,8 +27,9 @@ def serve(tmp_path):
 
 @pytest.fixture
 def cluster(tmp_path):
-    """Factory: cluster(**kw) -> Cluster (tests/cluster.py); all nodes are stopped after."""
-    from cluster import Cluster
+    """Factory: cluster(**kw) -> Cluster (tests/support/cluster.py); all nodes are stopped
+    after."""
+    from support.cluster import Cluster
 
     made = []
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import time
 
-from helpers import PY, ROOT, free_port, require_tool, run, wait_for
+from support.helpers import PY, ROOT, free_port, require_tool, run, wait_for
 
 
 def test_demo_runs_replicated_device(tmp_path):

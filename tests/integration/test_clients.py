@@ -8,8 +8,8 @@ import os
 import random
 import threading
 
-from helpers import require_tool, run
-from nbd_testlib import MiB, RawClient, files_equal, recv_exact, run_libnbd, \
+from support.helpers import require_tool, run
+from support.nbd_testlib import MiB, RawClient, files_equal, recv_exact, run_libnbd, \
     write_random_file
 
 from blockrep.nbd import proto

@@ -13,8 +13,8 @@ import struct
 import threading
 
 import pytest
-from helpers import PY, ROOT, free_port, require_tool, run, start_serve, wait_for
-from nbd_testlib import MiB, RawClient, popen_libnbd, run_libnbd, still_open, \
+from support.helpers import PY, ROOT, free_port, require_tool, run, start_serve, wait_for
+from support.nbd_testlib import MiB, RawClient, popen_libnbd, run_libnbd, still_open, \
     wait_closed_by_peer
 
 from blockrep.nbd import proto

@@ -10,8 +10,8 @@ import os
 import random
 import subprocess
 
-from helpers import require_tool, run, wait_for
-from nbd_testlib import MiB
+from support.helpers import require_tool, run, wait_for
+from support.nbd_testlib import MiB
 
 TOOLS = ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "e2fsck",
          "debugfs", "blockdev")

@@ -11,8 +11,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import require_tool, run
-from repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
+from support.helpers import require_tool, run
+from support.repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
 
 ADDR = {"alpha": "10.99.0.1", "beta": "10.99.0.2"}
 TIMEOUT = 3.0  # the Cluster default resource.timeout

@@ -15,8 +15,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import SYSTEM_PY, require_tool, run, wait_for
-from repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
+from support.helpers import SYSTEM_PY, require_tool, run, wait_for
+from support.repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
 
 
 # -- helpers (local to this file) -----------------------------------------------------------

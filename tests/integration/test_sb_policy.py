@@ -2,7 +2,7 @@
 
 import subprocess
 
-from helpers import require_tool, run
+from support.helpers import require_tool, run
 
 
 def _write(uri: str, pattern: int, offset: str, length: str) -> None:

@@ -1,7 +1,7 @@
 """Helpers shared by the two-node integration tests (test_replication, test_recovery,
 test_netns): fio and qemu-io runs against a node's NBD export, comparing and reading the
 nodes' disks. Admin-socket requests and fast status polling are Cluster methods
-(tests/cluster.py: Cluster.admin, Cluster.wait_status(..., fast=True))."""
+(tests/support/cluster.py: Cluster.admin, Cluster.wait_status(..., fast=True))."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import subprocess
 from typing import Self
 
-from helpers import run
+from support.helpers import run
 
 MiB = 1 << 20
 

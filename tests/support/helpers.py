@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
 SYSTEM_PY = "/usr/bin/python3"  # python3-libnbd lives there (nbdsh)
 

@@ -13,7 +13,7 @@ import subprocess
 import textwrap
 import time
 
-from helpers import SYSTEM_PY, run
+from support.helpers import SYSTEM_PY, run
 
 from blockrep.nbd import proto
 from blockrep.nbd.constants import (

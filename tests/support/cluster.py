@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 
-from helpers import PY, ROOT, free_port, stop_process, wait_for
+from support.helpers import PY, ROOT, free_port, stop_process, wait_for
 
 
 class Cluster:

@@ -1,0 +1,8 @@
+"""Test helpers, in one place: import them as `support.<module>` (tests/ is on sys.path,
+see tests/conftest.py).
+
+- helpers: free ports, deadlines, processes, tools (require_tool), `blockrep serve` runs
+- cluster: a two-node resource on loopback driven through its CLI and admin sockets
+- repltools: fio and qemu-io runs against a node's export, comparing the nodes' disks
+- nbd_testlib: a raw-socket NBD client and a runner for python3-libnbd scripts
+"""
