@@ -18,11 +18,24 @@ from blockrep.state import (
     Generation,
     Role,
     Strategy,
+    OK,
+    Facts,
+    ReplState,
+    Rule,
+    Rv,
+    Side,
+    check_connect,
     check_demote,
+    check_down,
+    check_invalidate,
     check_promote,
+    check_resync,
+    check_verify,
     decide,
     new_uuid,
+    resolve,
 )
+from blockrep.state import check_established as st_check_established
 
 S = Strategy
 MIRROR = {S.SOURCE: S.TARGET, S.TARGET: S.SOURCE, S.SOURCE_FULL: S.TARGET_FULL,
@@ -487,46 +500,203 @@ def test_short():
 
 # -- role changes ------------------------------------------------------------------------------
 
-def promote(**kw):
+def promote(force=False, **kw):
     args = dict(role=Role.SECONDARY, disk=DiskState.UP_TO_DATE, peer_role=Role.SECONDARY,
-                connected=True, force=False)
+                linked=True)
     args.update(kw)
-    return check_promote(**args)
+    return check_promote(Facts(**args), force=force)
 
 
 def test_promote_allowed_when_up_to_date():
-    assert promote() is None
-    assert promote(connected=False, peer_role=Role.UNKNOWN) is None
+    assert promote() == OK
+    assert promote(linked=False, peer_role=Role.UNKNOWN) == OK
 
 
-def test_promote_already_primary_is_fine():
-    assert promote(role=Role.PRIMARY, disk=DiskState.FAILED, peer_role=Role.PRIMARY) is None
+def test_promote_already_primary_is_nothing_to_do():
+    v = promote(role=Role.PRIMARY, disk=DiskState.FAILED, peer_role=Role.PRIMARY)
+    assert v.rv == Rv.NOTHING_TO_DO and not v.refused and v.reason == "already Primary"
 
 
 def test_promote_refused_when_peer_primary():
-    r = promote(peer_role=Role.PRIMARY)
-    assert r and "peer is Primary" in r
-    assert promote(peer_role=Role.PRIMARY, force=True)  # force does not override
+    v = promote(peer_role=Role.PRIMARY)
+    assert v.rv == Rv.PEER_PRIMARY and v.refused and "peer is Primary" in v.reason
+    assert promote(peer_role=Role.PRIMARY, force=True).rv == Rv.PEER_PRIMARY  # not forced
     # a stale peer role while disconnected does not count
-    assert promote(peer_role=Role.PRIMARY, connected=False) is None
+    assert promote(peer_role=Role.PRIMARY, linked=False) == OK
 
 
 @pytest.mark.parametrize("disk", [DiskState.INCONSISTENT, DiskState.OUTDATED,
                                   DiskState.DUNKNOWN])
 def test_promote_needs_up_to_date_unless_forced(disk):
-    r = promote(disk=disk)
-    assert r and disk.value in r and "--force" in r
-    assert promote(disk=disk, force=True) is None
+    v = promote(disk=disk)
+    assert v.rv == Rv.NO_UP_TO_DATE_DISK and disk.value in v.reason and "--force" in v.reason
+    assert promote(disk=disk, force=True) == OK
 
 
 def test_promote_failed_disk_refused_even_with_force():
     for force in (False, True):
-        r = promote(disk=DiskState.FAILED, force=force)
-        assert r and "failed" in r
+        v = promote(disk=DiskState.FAILED, force=force)
+        assert v.rv == Rv.DISK_FAILED and "failed" in v.reason
+
+
+def test_promote_refused_during_resync_to_this_node_unless_forced():
+    v = promote(disk=DiskState.INCONSISTENT, repl=ReplState.SYNC_TARGET, force=False)
+    assert v.rv == Rv.NO_UP_TO_DATE_DISK  # the disk rule speaks first
+    v = promote(repl=ReplState.SYNC_TARGET)
+    assert v.rv == Rv.RESYNC_RUNNING and "resync" in v.reason
+    assert promote(repl=ReplState.SYNC_TARGET, force=True) == OK
 
 
 def test_demote():
-    assert check_demote(role=Role.SECONDARY, nbd_clients=3) is None
-    assert check_demote(role=Role.PRIMARY, nbd_clients=0) is None
-    r = check_demote(role=Role.PRIMARY, nbd_clients=2)
-    assert r and "2 NBD client" in r
+    v = check_demote(Facts(role=Role.SECONDARY, nbd_clients=3))
+    assert v.rv == Rv.NOTHING_TO_DO and v.reason == "already Secondary"
+    assert check_demote(Facts(role=Role.PRIMARY, nbd_clients=0)) == OK
+    v = check_demote(Facts(role=Role.PRIMARY, nbd_clients=2))
+    assert v.rv == Rv.NBD_CLIENTS_ATTACHED and "2 NBD client" in v.reason
+
+
+def test_connect_discard_my_data_refused_on_primary():
+    assert check_connect(Facts(role=Role.SECONDARY), discard_my_data=True) == OK
+    assert check_connect(Facts(role=Role.PRIMARY)) == OK
+    v = check_connect(Facts(role=Role.PRIMARY), discard_my_data=True)
+    assert v.rv == Rv.IS_PRIMARY and "Primary" in v.reason
+
+
+def test_down_refused_with_clients():
+    assert check_down(Facts(nbd_clients=0)) == OK
+    v = check_down(Facts(nbd_clients=1))
+    assert v.rv == Rv.NBD_CLIENTS_ATTACHED and "1 NBD client" in v.reason
+
+
+@pytest.mark.parametrize("facts, rv", [
+    (Facts(), Rv.SUCCESS),
+    (Facts(linked=False), Rv.NOT_CONNECTED),
+    (Facts(repl=ReplState.OFF), Rv.NOT_CONNECTED),
+    (Facts(repl=ReplState.SYNC_SOURCE), Rv.NOT_ESTABLISHED),
+    (Facts(repl=ReplState.VERIFY_TARGET), Rv.NOT_ESTABLISHED),
+    (Facts(verify_running=True), Rv.VERIFY_RUNNING),
+    (Facts(disk=DiskState.INCONSISTENT), Rv.DISKS_NOT_UP_TO_DATE),
+    (Facts(peer_disk=DiskState.OUTDATED), Rv.DISKS_NOT_UP_TO_DATE),
+])
+def test_verify_preconditions(facts, rv):
+    v = check_verify(facts)
+    assert v.rv == rv and v.refused == (rv != Rv.SUCCESS)
+    if v.refused:
+        assert v.reason
+
+
+@pytest.mark.parametrize("facts, rv", [
+    (Facts(out_of_sync_bytes=4096), Rv.SUCCESS),
+    (Facts(out_of_sync_bytes=0, linked=False), Rv.NOTHING_TO_DO),
+    (Facts(out_of_sync_bytes=4096, linked=False), Rv.NOT_CONNECTED),
+    (Facts(out_of_sync_bytes=4096, repl=ReplState.SYNC_TARGET), Rv.NOT_ESTABLISHED),
+])
+def test_resync_preconditions(facts, rv):
+    assert check_resync(facts).rv == rv
+
+
+@pytest.mark.parametrize("facts, rv", [
+    (Facts(), Rv.SUCCESS),
+    (Facts(peer_disk=DiskState.DUNKNOWN, linked=False), Rv.SUCCESS),
+    (Facts(role=Role.PRIMARY), Rv.IS_PRIMARY),
+    (Facts(peer_disk=DiskState.INCONSISTENT), Rv.PEER_DISK_NOT_USABLE),
+])
+def test_invalidate_preconditions(facts, rv):
+    assert check_invalidate(facts).rv == rv
+
+
+# -- the step after decide ---------------------------------------------------------------------
+
+def dn(strategy, rule):
+    return state.Decision(strategy, rule)
+
+
+def test_decisions_are_typed_and_checksum_mode_is_a_property():
+    d = dec(G(A), G(A), my_bits=True, iwp=True)
+    assert d.rule is Rule.CURRENT_EQUAL_I_WAS_PRIMARY and d.checksum_resync
+    assert not dec(G(A), G(A)).checksum_resync
+    assert not dec(G(B, A), G(A)).checksum_resync  # a bitmap resync copies every block
+
+
+def test_resolve_skip_initial_sync_both_sides():
+    full = dn(S.SOURCE_FULL, Rule.PEER_CURRENT_ZERO)
+    d = resolve(full, Side(skip_initial_sync=True), Side())
+    assert (d.strategy, d.rule, d.base) == (S.NO_SYNC, Rule.INITIAL_SYNC_SKIPPED,
+                                            Rule.PEER_CURRENT_ZERO)
+    assert resolve(full, Side(), Side(skip_initial_sync=True)) == full
+    tgt = dn(S.TARGET_FULL, Rule.MY_CURRENT_ZERO)
+    d = resolve(tgt, Side(), Side(skip_initial_sync=True))
+    assert (d.strategy, d.rule) == (S.NO_SYNC, Rule.INITIAL_SYNC_SKIPPED_BY_PEER)
+    # only for the first sync of blank disks, not for another full sync
+    other = dn(S.SOURCE_FULL, Rule.PEER_CURRENT_IN_MY_HISTORY)
+    assert resolve(other, Side(skip_initial_sync=True), Side()) == other
+
+
+@pytest.mark.parametrize("plain, mine, theirs", [
+    (S.SPLIT_BRAIN, S.TARGET, S.SOURCE), (S.UNRELATED, S.TARGET_FULL, S.SOURCE_FULL)])
+def test_resolve_discard_my_data_mirrored(plain, mine, theirs):
+    d = dn(plain, Rule.NO_COMMON_ANCESTOR)
+    me = resolve(d, Side(discard_my_data=True), Side())
+    peer = resolve(d, Side(), Side(discard_my_data=True))
+    assert (me.strategy, me.rule) == (mine, Rule.DISCARD_MY_DATA)
+    assert (peer.strategy, peer.rule) == (theirs, Rule.PEER_DISCARDS_ITS_DATA)
+    assert me.describe() == "discard-my-data (no-common-ancestor)"
+    # a Primary never discards its data
+    assert resolve(d, Side(primary=True, discard_my_data=True), Side()) == d
+    assert resolve(d, Side(), Side(primary=True, discard_my_data=True)) == d
+
+
+SB = dn(S.SPLIT_BRAIN, Rule.BITMAPS_EQUAL_CURRENTS_DIFFER)
+
+
+@pytest.mark.parametrize("policy, me, peer, win, want", [
+    ("disconnect", Side(changes=0), Side(changes=5), True, S.SPLIT_BRAIN),
+    ("discard-zero-changes", Side(changes=0), Side(changes=5), True, S.TARGET),
+    ("discard-zero-changes", Side(changes=5), Side(changes=0), True, S.SOURCE),
+    ("discard-zero-changes", Side(changes=5), Side(changes=5), True, S.SPLIT_BRAIN),
+    ("discard-least-changes", Side(changes=2), Side(changes=5), True, S.TARGET),
+    ("discard-least-changes", Side(changes=3), Side(changes=3), True, S.SOURCE),
+    ("discard-least-changes", Side(changes=3), Side(changes=3), False, S.TARGET),
+    ("discard-younger-primary", Side(changes=0), Side(changes=5), True, S.SPLIT_BRAIN),
+])
+def test_resolve_split_brain_policies_0pri(policy, me, peer, win, want):
+    d = resolve(SB, me, peer, after_sb_0pri=policy, i_win_ties=win)
+    assert d.strategy == want
+    if want != S.SPLIT_BRAIN:
+        assert d.rule is Rule.AFTER_SB_POLICY and d.base is SB.rule
+        assert policy in d.describe() and "changes: mine" in d.describe()
+        # the peer, computing from its side, reaches the mirrored decision
+        other = resolve(SB, peer, me, after_sb_0pri=policy, i_win_ties=not win)
+        assert other.strategy == MIRROR[want]
+
+
+def test_resolve_1pri_policy_never_discards_the_primary():
+    d = resolve(SB, Side(primary=True, changes=0), Side(changes=5),
+                after_sb_1pri="discard-zero-changes")
+    assert d == SB
+    d = resolve(SB, Side(primary=True, changes=1), Side(changes=5),
+                after_sb_1pri="discard-secondary")
+    assert (d.strategy, d.rule) == (S.SOURCE, Rule.AFTER_SB_POLICY)
+    d = resolve(SB, Side(changes=1), Side(primary=True, changes=5),
+                after_sb_1pri="discard-secondary", after_sb_0pri="disconnect")
+    assert d.strategy == S.TARGET
+    # the 0pri policy does not apply when one side is Primary
+    assert resolve(SB, Side(primary=True), Side(changes=1),
+                   after_sb_0pri="discard-zero-changes") == SB
+
+
+@pytest.mark.parametrize("d, me_p, peer_p, rv", [
+    (dn(S.NO_SYNC, Rule.CURRENT_EQUAL), False, False, Rv.SUCCESS),
+    (dn(S.NO_SYNC, Rule.CURRENT_EQUAL), True, True, Rv.BOTH_PRIMARY),
+    (dn(S.SPLIT_BRAIN, Rule.BITMAPS_EQUAL_CURRENTS_DIFFER), True, True, Rv.SPLIT_BRAIN),
+    (dn(S.UNRELATED, Rule.NO_COMMON_ANCESTOR), False, False, Rv.UNRELATED_DATA),
+    (dn(S.TARGET, Rule.PEER_BITMAP_EQUALS_MY_CURRENT), True, False,
+     Rv.PRIMARY_WOULD_BE_TARGET),
+    (dn(S.TARGET, Rule.PEER_BITMAP_EQUALS_MY_CURRENT), False, True, Rv.SUCCESS),
+    (dn(S.SOURCE, Rule.MY_BITMAP_EQUALS_PEER_CURRENT), True, False, Rv.SUCCESS),
+])
+def test_check_established(d, me_p, peer_p, rv):
+    v = st_check_established(d, i_am_primary=me_p, peer_primary=peer_p)
+    assert v.rv == rv
+    if rv == Rv.SPLIT_BRAIN:
+        assert "split brain detected" in v.reason and "--discard-my-data" in v.reason
