@@ -21,7 +21,7 @@ RESOURCE_KEYS = {
     "name": str, "protocol": str, "shared-secret": str, "ping-interval": (int, float),
     "timeout": (int, float), "connect-interval": (int, float), "run-dir": str,
     "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
-    "after-sb-0pri": str, "after-sb-1pri": str,
+    "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str}
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
@@ -50,7 +50,8 @@ class ResourceConfig:
     timeout: float = 4.0
     connect_interval: float = 0.5
     barrier_interval: float = 1.0
-    run_dir: str = "/tmp/blockrep"
+    run_dir: str = "/run/blockrep"
+    admin_group: str | None = None  # may read status/events over the admin socket
     resync_rate: int = 0  # bytes/s, 0 = unlimited (adaptive controller still applies)
     resync_window: int = 32
     after_sb_0pri: str = "disconnect"
@@ -176,6 +177,8 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
         raise ConfigError(f"{path}: resource.timeout must exceed resource.ping-interval")
     if "run-dir" in res:
         cfg.run_dir = res["run-dir"]
+    if "admin-group" in res:
+        cfg.admin_group = res["admin-group"]
     if "resync-rate" in res:
         try:
             cfg.resync_rate = parse_size(res["resync-rate"]) if res["resync-rate"] != "0" else 0

@@ -47,7 +47,7 @@ def test_valid_minimal_with_defaults():
     assert cfg.protocol == "C"
     assert (cfg.ping_interval, cfg.timeout, cfg.connect_interval, cfg.barrier_interval) == \
         (1.0, 4.0, 0.5, 1.0)  # docs/operations.md
-    assert cfg.run_dir == "/tmp/blockrep"
+    assert cfg.run_dir == "/run/blockrep"
     assert cfg.resync_rate == 0 and cfg.resync_window == 32
     assert cfg.after_sb_0pri == cfg.after_sb_1pri == "disconnect"
     assert set(cfg.nodes) == {"alpha", "beta"}
@@ -365,6 +365,6 @@ def test_peer_of():
 
 
 def test_admin_socket():
-    cfg = parse(with_(lambda r: r["resource"].update({"run-dir": "/run/blockrep"})))
-    assert cfg.admin_socket("alpha") == "/run/blockrep/r0.alpha.sock"
-    assert parse(base()).admin_socket("beta") == os.path.join("/tmp/blockrep", "r0.beta.sock")
+    cfg = parse(with_(lambda r: r["resource"].update({"run-dir": "/srv/br"})))
+    assert cfg.admin_socket("alpha") == "/srv/br/r0.alpha.sock"
+    assert parse(base()).admin_socket("beta") == os.path.join("/run/blockrep", "r0.beta.sock")

@@ -69,9 +69,11 @@ class NbdServer:
     """Serves one backend under one or more export names, on any number of listeners."""
 
     def __init__(self, backend, export: Export, *, exports: dict[str, Export] | None = None,
-                 submit=None):
+                 submit=None, executor: ThreadPoolExecutor | None = None):
         """`backend` serves reads (a Disk). Writes go to it directly, or, when `submit` is
-        given (replication), to submit(kind, offset, length, data, flags, callback(err))."""
+        given (replication), to submit(kind, offset, length, data, flags, callback(err)).
+        Large requests run in `executor` (a replicated node passes its one pool), or in a
+        pool of the server's own."""
         self.backend = backend
         self.submit = submit
         self.refusal: str | None = None  # when set, the handshake refuses every export
@@ -80,7 +82,9 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(max_workers=4,
+                                                       thread_name_prefix="blockrep-io")
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
@@ -106,7 +110,8 @@ class NbdServer:
                              return_exceptions=True)
         for srv in self.servers:
             await srv.wait_closed()
-        self.executor.shutdown(wait=True)
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
 
 
 class NbdConnection(asyncio.BufferedProtocol):

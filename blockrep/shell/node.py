@@ -1,19 +1,21 @@
 """One node of a replicated resource: the process behind `blockrep up`.
 
-Owns: the node's states (role, disk, connection, replication), the peer connection's life
-(dial, accept, handshake checks, timeouts, reconnect), what happens on connect (the sync
-decision and its rule), role changes, the NBD frontend while Primary, and the admin socket.
-Must not: parse wire formats (blockrep.peer / blockrep.nbd do), or decide sync direction
-itself (blockrep.state.decide does); the write path lives in replication.py, resync in
-resync.py.
+Owns: the node's life cycle (start, run, shutdown), its states and their setters
+(`set_role`, `set_connection`, `set_replication`, `set_disk`: each logs `old -> new` once and
+emits one event), the peer connection's life (dial, accept, handshake checks, timeouts,
+reconnect), what happens on connect (applying the sync decision), the packet table of an
+established link (every packet type, verify's and resync's included), the resync and verify
+life cycles, and the one I/O thread pool.
+Must not: parse wire formats (blockrep.peer / blockrep.nbd do), decide sync direction or
+whether a command may run (blockrep.state does), serve the admin socket or render status
+(admin.py does); the write path lives in replication.py, resync in resync.py, verify in
+verify.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,20 +29,17 @@ from ..nbd.handshake import Export
 from ..peer import proto
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role, Strategy
+from .admin import AdminServer
 from .link import PeerLink
 from .nbd_server import NbdServer
 from .replication import Applier, Replicator
-from . import verify as verify_mod
 from .resync import ResyncSource, ResyncTarget
+from .verify import Verifier
 
 log = logging.getLogger("blockrep.node")
 
 NBD_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
              | TF.SEND_DF | TF.SEND_CACHE | TF.SEND_FAST_ZERO | TF.CAN_MULTI_CONN)
-
-
-class NodeError(Exception):
-    """An operator request was refused; str() says why."""
 
 
 class Node:
@@ -84,11 +83,11 @@ class Node:
         self.resync_task: asyncio.Task | None = None
         self.last_sync: dict | None = None
         self.resync_differing_bytes = 0
-        self.verify = None  # set by blockrep.shell.verify while a verify runs
+        self.verifier = Verifier(self)
         self.stop_event = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.servers: list[asyncio.AbstractServer] = []
-        self.subscribers: list[asyncio.StreamWriter] = []
+        self.admin = AdminServer(self)
         self.nbd: NbdServer | None = None
         self.last_ping = 0.0
         self.handlers = {
@@ -107,9 +106,9 @@ class Node:
             P.PING_ACK: lambda *a: None,
             P.CONTROL: self._on_control,
             P.REFUSE: self._on_refuse_established,
+            P.OV_REQUEST: self.verifier.on_request,
+            P.OV_REPLY: self.verifier.on_reply,
         }
-        verify_mod.install(self)
-        self.last_verify: dict | None = None
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -125,24 +124,21 @@ class Node:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        await self.admin.start()  # first: it refuses an unsafe run directory
         host, port = self.me.address
         self.servers.append(await self.loop.create_server(
             lambda: PeerLink(self, outbound=False), host, port, reuse_address=True))
         export = Export(name=self.me.export, size=self.size, flags=NBD_FLAGS,
                         description=f"blockrep resource {self.cfg.name} on {self.name}")
-        self.nbd = NbdServer(self.disk, export, submit=self.replicator.submit)
-        self.nbd.refusal = self._nbd_refusal()
+        self.nbd = NbdServer(self.disk, export, submit=self.replicator.submit,
+                             executor=self.executor)
+        self.nbd.refusal = self.nbd_refusal()
         await self.nbd.listen_tcp(*self.me.nbd)
-        sock = self.cfg.admin_socket(self.name)
-        if os.path.exists(sock):
-            os.unlink(sock)
-        self.servers.append(await asyncio.start_unix_server(self._admin_client, sock))
         self.tasks.append(self.loop.create_task(self._dialer()))
         self.tasks.append(self.loop.create_task(self._timer()))
         log.info("node %s of resource %s up: disk %s (%d bytes), %s, replication on %s:%d, "
                  "NBD on %s:%d, admin %s", self.name, self.cfg.name, self.me.disk, self.size,
-                 self.disk_state.value, host, port, *self.me.nbd, sock)
+                 self.disk_state.value, host, port, *self.me.nbd, self.admin.path)
 
     async def run(self) -> None:
         await self.start()
@@ -165,8 +161,7 @@ class Node:
             link.close("node going down")
         for srv in self.servers:
             srv.close()
-        for w in self.subscribers:
-            w.close()
+        self.admin.close()
         await asyncio.sleep(0)
         try:
             self.disk.flush()
@@ -176,9 +171,6 @@ class Node:
             self.store.clean_shutdown(was_primary=self.is_primary)
         self.executor.shutdown(wait=True)
         self.disk.close()
-        sock = self.cfg.admin_socket(self.name)
-        if os.path.exists(sock):
-            os.unlink(sock)
         log.info("down")
 
     def run_io(self, fn, done) -> None:
@@ -296,7 +288,7 @@ class Node:
             link.refuse(f"malformed state from the peer: {exc}")
             return
         self.link = link
-        self.conn = ConnState.CONNECTED
+        self.set_connection(ConnState.CONNECTED)
         self.peer_role, self.peer_disk = peer_role, peer_disk
         self.last_error = ""
         d = st.decide(self.gen, peer_gen, my_bits=self.bitmap.count() > 0,
@@ -305,45 +297,44 @@ class Node:
                       peer_was_primary=bool(body.get("was_primary")) or
                       peer_role == Role.PRIMARY,
                       i_win_ties=self.name < self.peer_cfg.name)
-        d = self._apply_overrides(d, body, peer_bits)
+        d = st.resolve(d, st.Side(primary=self.is_primary, changes=self.bitmap.count(),
+                                  skip_initial_sync=self.skip_initial_sync,
+                                  discard_my_data=self.discard_my_data),
+                       st.Side(primary=peer_role == Role.PRIMARY, changes=peer_bits.count(),
+                               skip_initial_sync=bool(body.get("skip_initial_sync")),
+                               discard_my_data=bool(body.get("discard_my_data"))),
+                       after_sb_0pri=self.cfg.after_sb_0pri,
+                       after_sb_1pri=self.cfg.after_sb_1pri,
+                       i_win_ties=self.name < self.peer_cfg.name)
         self.decision = d
         log.info("connected to %s (%s, %s, gen %s); my gen %s; decision: %s",
                  self.peer_cfg.name, peer_role.value, peer_disk.value, peer_gen.short(),
                  self.gen.short(), d)
+        if d.rule == st.Rule.AFTER_SB_POLICY:
+            log.warning("split brain auto-recovery: %s", d)
         self.emit("connected", peer=self.peer_cfg.name, decision=d.strategy.value,
-                  rule=d.rule)
+                  rule=d.describe())
+        v = st.check_established(d, i_am_primary=self.is_primary,
+                                 peer_primary=peer_role == Role.PRIMARY)
+        if v.refused:
+            # on a split brain both sides see it: nobody needs to be told
+            quiet = v.rv in (st.Rv.SPLIT_BRAIN, st.Rv.UNRELATED_DATA)
+            if quiet:
+                log.error("%s", v.reason)
+            self._refuse_connection(link, v.reason, standalone=True, tell_peer=not quiet)
+            return
         s = d.strategy
-        both_primary = self.is_primary and peer_role == Role.PRIMARY
-        if both_primary and s not in (Strategy.SPLIT_BRAIN, Strategy.UNRELATED):
-            # data first (a split brain is reported as such), then the role conflict
-            self._refuse_connection(link, "both nodes are Primary (single-primary mode); "
-                                          "demote one of them, then 'blockrep connect'",
-                                    standalone=True)
-            return
-        if s in (Strategy.SPLIT_BRAIN, Strategy.UNRELATED):
-            what = "split brain detected" if s == Strategy.SPLIT_BRAIN else "unrelated data"
-            msg = (f"{what} (rule: {d.rule}); both nodes keep their data. Resolve with "
-                   f"'blockrep connect --discard-my-data' on the node whose changes are to "
-                   f"be thrown away")
-            log.error("%s", msg)
-            self._refuse_connection(link, msg, standalone=True, tell_peer=False)
-            return
-        if s in (Strategy.TARGET, Strategy.TARGET_FULL) and self.is_primary:
-            self._refuse_connection(link, f"this node is Primary but would have to become "
-                                          f"sync target ({d}); demote it first",
-                                    standalone=True)
-            return
         if s == Strategy.NO_SYNC:
-            self.repl = ReplState.ESTABLISHED
+            self.set_replication(ReplState.ESTABLISHED)
             same = self.gen.current == peer_gen.current
             if same and DiskState.INCONSISTENT not in (self.disk_state, peer_disk):
                 # nobody wrote without the other (that would have made a new current
                 # identifier): the two disks hold the same, newest data
                 self.set_disk(DiskState.UP_TO_DATE)
                 peer_disk = self.peer_disk = DiskState.UP_TO_DATE
-            if d.rule == "initial-sync-skipped":
+            if d.rule == st.Rule.INITIAL_SYNC_SKIPPED:
                 self.gen.sync_finished_as_source()
-            if d.rule == "initial-sync-skipped-by-peer":
+            if d.rule == st.Rule.INITIAL_SYNC_SKIPPED_BY_PEER:
                 self.gen.adopt(peer_gen)
                 self.bitmap.clear_all()
                 self.set_disk(DiskState.UP_TO_DATE)
@@ -357,71 +348,18 @@ class Node:
             else:
                 self.bitmap |= peer_bits
             self.bitmap_changed()
-            self._start_resync_source(link, csum=self._csum_mode(d))
+            self._start_resync_source(link, csum=d.checksum_resync)
         elif s in (Strategy.TARGET, Strategy.TARGET_FULL):
-            self.repl = ReplState.SYNC_TARGET
+            self.set_replication(ReplState.SYNC_TARGET)
             self.set_disk(DiskState.INCONSISTENT)
             total = self.size if s == Strategy.TARGET_FULL else \
                 (Bitmap(self.size, self.bitmap.words.copy()).__ior__(peer_bits)).count_bytes()
             self.resync_target = ResyncTarget(self, total, csum=False)
         else:  # BOTH_NEW
-            self.repl = ReplState.ESTABLISHED
+            self.set_replication(ReplState.ESTABLISHED)
         self.discard_my_data = False
         self.persist()
         self.send_state()
-
-    def _apply_overrides(self, d: st.Decision, body: dict, peer_bits: Bitmap) -> st.Decision:
-        """Operator choices and opt-in policies that change the plain decision."""
-        if d.strategy == Strategy.SOURCE_FULL and d.rule == "peer-current-zero" and \
-                self.skip_initial_sync:
-            return st.Decision(Strategy.NO_SYNC, "initial-sync-skipped")
-        if d.strategy == Strategy.TARGET_FULL and d.rule == "my-current-zero" and \
-                body.get("skip_initial_sync"):
-            return st.Decision(Strategy.NO_SYNC, "initial-sync-skipped-by-peer")
-        if d.strategy in (Strategy.SPLIT_BRAIN, Strategy.UNRELATED):
-            if self.discard_my_data and not self.is_primary:
-                return st.Decision(Strategy.TARGET_FULL if d.strategy == Strategy.UNRELATED
-                                   else Strategy.TARGET, f"discard-my-data ({d.rule})")
-            if body.get("discard_my_data") and body.get("role") != Role.PRIMARY.value:
-                return st.Decision(Strategy.SOURCE_FULL if d.strategy == Strategy.UNRELATED
-                                   else Strategy.SOURCE, f"peer-discards-its-data ({d.rule})")
-            if d.strategy == Strategy.SPLIT_BRAIN:
-                return self._split_brain_policy(d, body, peer_bits)
-        return d
-
-    def _split_brain_policy(self, d: st.Decision, body: dict, peer_bits: Bitmap):
-        peer_primary = body.get("role") == Role.PRIMARY.value
-        policy = self.cfg.after_sb_1pri if (self.is_primary or peer_primary) else \
-            self.cfg.after_sb_0pri
-        mine, theirs = self.bitmap.count(), peer_bits.count()
-        lose = None  # "me" or "peer": whose changes are discarded
-        if policy == "discard-zero-changes":
-            if mine == 0 and theirs > 0:
-                lose = "me"
-            elif theirs == 0 and mine > 0:
-                lose = "peer"
-        elif policy == "discard-least-changes":
-            if mine != theirs:
-                lose = "me" if mine < theirs else "peer"
-            else:  # tie: the lower node name keeps its data, deterministically on both sides
-                lose = "peer" if self.name < self.peer_cfg.name else "me"
-        elif policy == "discard-secondary":
-            if self.is_primary != peer_primary:
-                lose = "peer" if self.is_primary else "me"
-        if lose == "me" and self.is_primary:
-            lose = None  # never throw away a running primary's data automatically
-        if lose is None:
-            return d
-        rule = f"after-split-brain policy {policy} ({d.rule}; changes: mine {mine}, " \
-               f"peer {theirs})"
-        log.warning("split brain auto-recovery: discarding %s changes by %s",
-                    "this node's" if lose == "me" else "the peer's", rule)
-        return st.Decision(Strategy.TARGET if lose == "me" else Strategy.SOURCE, rule)
-
-    def _csum_mode(self, d: st.Decision) -> bool:
-        """Checksum-based resync after a primary crash: the activity-log extents are
-        mostly equal on both sides, so only blocks whose CRC32C differs travel."""
-        return d.rule.startswith("current-equal")
 
     def _refuse_connection(self, link: PeerLink, msg: str, *, standalone: bool,
                            tell_peer: bool = True) -> None:
@@ -431,7 +369,7 @@ class Node:
             link.send_control(P.REFUSE, {"reason": msg, "standalone": standalone})
         link.close(msg)
         if standalone:
-            self.conn = ConnState.STANDALONE
+            self.set_connection(ConnState.STANDALONE)
 
     def on_link_lost(self, link: PeerLink, reason: str) -> None:
         self.handshaking.discard(link)
@@ -439,17 +377,16 @@ class Node:
             return
         self.link = None
         was = self.repl
-        self.repl = ReplState.OFF
+        self.set_replication(ReplState.OFF)
         if self.conn != ConnState.STANDALONE:
-            self.conn = ConnState.CONNECTING
+            self.set_connection(ConnState.CONNECTING)
         self.peer_role, self.peer_disk = Role.UNKNOWN, DiskState.DUNKNOWN
         if self.resync_source is not None:
             self.resync_source.cancel()
             self.resync_source = None
         self.resync_target = None
         self.replicator.drain_waiting()  # held-back writes now go local-only
-        if self.verify is not None:
-            self.verify.cancel("connection lost")
+        self.verifier.cancel("connection lost")
         self.replicator.link_lost()
         if self.is_primary and was != ReplState.OFF:
             self.gen.start_new_data()
@@ -470,7 +407,7 @@ class Node:
         log.error("%s", reason)
         self.last_error = reason
         if body.get("standalone"):  # the refusal needs the operator: stop reconnecting
-            self.conn = ConnState.STANDALONE
+            self.set_connection(ConnState.STANDALONE)
         link.close(reason)
 
     def _on_rs_data(self, link, *a):
@@ -520,7 +457,7 @@ class Node:
         self.gen.adopt(st.Generation.from_wire(body["gen"]))
         self.bitmap.clear_all()
         self.resync_target = None
-        self.repl = ReplState.ESTABLISHED
+        self.set_replication(ReplState.ESTABLISHED)
         self.set_disk(DiskState.UP_TO_DATE)
         self.last_sync = {"role": "SyncTarget", **progress.as_dict(self.loop.time())}
         log.info("resync finished as target: %s", self.last_sync)
@@ -531,12 +468,9 @@ class Node:
     def _ctl_renegotiate(self, link, body):
         link.close("peer asked to renegotiate")
 
-    def _ctl_verify(self, link, body):
-        verify_mod.on_verify_control(self, link, body)
-
     # -- resync ------------------------------------------------------------------------------
     def _start_resync_source(self, link: PeerLink, csum: bool) -> None:
-        self.repl = ReplState.SYNC_SOURCE
+        self.set_replication(ReplState.SYNC_SOURCE)
         self.peer_disk = DiskState.INCONSISTENT
         src = self.resync_source = ResyncSource(self, link, csum=csum)
         link.send_control(P.CONTROL, {"op": "sync-start", "total": src.progress.total,
@@ -558,7 +492,7 @@ class Node:
         self.resync_source = None
         self.replicator.drain_waiting()
         self.gen.sync_finished_as_source()
-        self.repl = ReplState.ESTABLISHED
+        self.set_replication(ReplState.ESTABLISHED)
         self.peer_disk = DiskState.UP_TO_DATE
         link.send_control(P.CONTROL, {"op": "sync-done", "gen": self.gen.to_wire()})
         self.last_sync = {"role": "SyncSource", **src.progress.as_dict(self.loop.time())}
@@ -586,12 +520,25 @@ class Node:
                 oldest = r.epoch if self.replicating_link() is not None else 1 << 62
             self.store.activity(offset, length, r.epoch, oldest)
 
-    # -- state helpers -----------------------------------------------------------------------
+    # -- state setters: each logs the change once and emits one event -----------------------
+    def set_role(self, new: Role) -> None:
+        self._set("role", "role", new)
+
+    def set_connection(self, new: ConnState) -> None:
+        self._set("conn", "connection", new)
+
+    def set_replication(self, new: ReplState) -> None:
+        self._set("repl", "replication", new)
+
     def set_disk(self, new: DiskState) -> None:
-        if new != self.disk_state:
-            log.info("disk: %s -> %s", self.disk_state.value, new.value)
-            self.disk_state = new
-            self.emit("disk", disk=new.value)
+        self._set("disk_state", "disk", new)
+
+    def _set(self, attr: str, what: str, new) -> None:
+        old = getattr(self, attr)
+        if new != old:
+            setattr(self, attr, new)
+            log.info("%s: %s -> %s", what, old.value, new.value)
+            self.emit(what, **{what: new.value, "old": old.value})
 
     def send_state(self) -> None:
         link = self.link
@@ -603,7 +550,7 @@ class Node:
         if self.store is not None:
             self.store.save_state(disk_state=self.disk_state, was_primary=self.is_primary)
 
-    def _nbd_refusal(self) -> str | None:
+    def nbd_refusal(self) -> str | None:
         if self.is_primary:
             return None
         return (f"resource {self.cfg.name} is Secondary on node {self.name}; promote it with "
@@ -613,183 +560,17 @@ class Node:
     def nbd_clients(self) -> int:
         return len(self.nbd.connections) if self.nbd else 0
 
-    # -- operator commands -------------------------------------------------------------------
-    def cmd_primary(self, force: bool = False, skip_initial_sync: bool = False) -> str:
-        if self.is_primary:
-            return "already Primary"
-        connected = self.link is not None and self.repl != ReplState.OFF
-        reason = st.check_promote(role=self.role, disk=self.disk_state,
-                                  peer_role=self.peer_role, connected=self.link is not None,
-                                  force=force)
-        if reason:
-            raise NodeError(f"primary refused: {reason}")
-        if self.repl == ReplState.SYNC_TARGET and not force:
-            raise NodeError("primary refused: a resync to this node is running")
-        renegotiate = False
-        if self.disk_state != DiskState.UP_TO_DATE:  # --force
-            log.warning("forced promotion: declaring the local data UpToDate")
-            if self.gen.current == 0:
-                self.gen.current = st.new_uuid()
-            else:
-                self.gen.start_new_data()
-            self.bitmap.clear_all()
-            self.set_disk(DiskState.UP_TO_DATE)
-            self.skip_initial_sync = skip_initial_sync
-            renegotiate = self.link is not None
-        elif not connected:
-            self.gen.start_new_data()  # writes from now on are new data the peer lacks
-        self.role = Role.PRIMARY
-        self.was_primary_flag = True
-        self.persist()  # the "primary" flag is on disk before any write is served
-        self.nbd.refusal = None
-        self.emit("role", role=self.role.value)
-        log.info("role: Secondary -> Primary")
-        if renegotiate:
-            self.link.send_control(P.CONTROL, {"op": "renegotiate"})
-            self.link.close("renegotiating after forced promotion")
-        else:
-            self.send_state()
-        return "Primary"
+    def facts(self) -> st.Facts:
+        """The states the command preconditions (blockrep.state.check_*) look at."""
+        return st.Facts(role=self.role, disk=self.disk_state, conn=self.conn, repl=self.repl,
+                        peer_role=self.peer_role, peer_disk=self.peer_disk,
+                        linked=self.link is not None, nbd_clients=self.nbd_clients,
+                        verify_running=self.verifier.current is not None,
+                        out_of_sync_bytes=self.bitmap.count_bytes())
 
-    def cmd_secondary(self) -> str:
-        reason = st.check_demote(role=self.role, nbd_clients=self.nbd_clients)
-        if reason:
-            raise NodeError(f"secondary refused: {reason}")
-        if not self.is_primary:
-            return "already Secondary"
-        self.role = Role.SECONDARY
-        self.nbd.refusal = self._nbd_refusal()
-        link = self.replicating_link()
-        if link is not None:
-            self.replicator.close_epoch(link, flush=True)
-        self.was_primary_flag = False
-        self.persist()
-        self.emit("role", role=self.role.value)
-        log.info("role: Primary -> Secondary")
-        self.send_state()
-        return "Secondary"
-
-    def cmd_connect(self, discard_my_data: bool = False) -> str:
-        if discard_my_data:
-            if self.is_primary:
-                raise NodeError("connect --discard-my-data refused: this node is Primary")
-            self.discard_my_data = True
-        if self.conn == ConnState.STANDALONE:
-            self.conn = ConnState.CONNECTING
-            self.emit("connection", connection=self.conn.value)
-        return self.conn.value
-
-    def cmd_disconnect(self) -> str:
-        self.conn = ConnState.STANDALONE
-        for link in list(self.handshaking):
-            link.close("disconnected by the operator")
-        if self.link is not None:
-            self.link.close("disconnected by the operator")
-        self.emit("connection", connection=self.conn.value)
-        return self.conn.value
-
-    def cmd_down(self) -> str:
-        if self.nbd_clients:
-            raise NodeError(f"down refused: {self.nbd_clients} NBD client(s) attached")
-        self.stop_event.set()
-        return "going down"
-
-    def status(self) -> dict:
-        now = self.loop.time()
-        sync = None
-        if self.resync_source is not None:
-            sync = self.resync_source.progress.as_dict(now)
-            sync["window"] = self.resync_source.cur_window
-        elif self.resync_target is not None:
-            sync = self.resync_target.progress.as_dict(now)
-        r, a = self.replicator, self.applier
-        link = self.link
-        return {
-            "resource": self.cfg.name,
-            "node": self.name,
-            "role": self.role.value,
-            "disk": self.disk_state.value,
-            "connection": self.conn.value,
-            "replication": self.repl.value,
-            "peer": {"name": self.peer_cfg.name, "role": self.peer_role.value,
-                     "disk": self.peer_disk.value},
-            "out_of_sync_bytes": self.bitmap.count_bytes(),
-            "size_bytes": self.size,
-            "decision": ({"strategy": self.decision.strategy.value, "rule": self.decision.rule}
-                         if self.decision else None),
-            "last_error": self.last_error,
-            "generation": {"current": f"{self.gen.current:016X}",
-                           "bitmap": f"{self.gen.bitmap:016X}",
-                           "history": [f"{h:016X}" for h in self.gen.history]},
-            "sync": sync,
-            "last_sync": self.last_sync,
-            "verify": self.verify.status(now) if self.verify is not None else
-            self.last_verify,
-            "nbd": {"address": f"{self.me.nbd[0]}:{self.me.nbd[1]}",
-                    "export": self.me.export, "clients": self.nbd_clients,
-                    "serving": self.is_primary},
-            "counters": {
-                "writes_replicated": r.writes_replicated,
-                "bytes_replicated": r.bytes_replicated,
-                "writes_local_only": r.writes_local_only,
-                "writes_pending_peer": len(r.pending),
-                "writes_applied": a.writes_applied,
-                "bytes_applied": a.bytes_applied,
-                "link_bytes_sent": link.bytes_sent if link else 0,
-                "link_bytes_received": link.bytes_received if link else 0,
-                "resync_differing_bytes": self.resync_differing_bytes,
-            },
-            "metadata": self.store.describe() if self.store is not None else None,
-        }
-
-    # -- events ------------------------------------------------------------------------------
     def emit(self, kind: str, **fields) -> None:
         sdnotify.state_changed(self)
-        if not self.subscribers:
-            return
-        line = (json.dumps({"event": kind, "time": round(self.loop.time(), 3),
-                            "node": self.name, **fields}) + "\n").encode()
-        for w in list(self.subscribers):
-            if w.is_closing():
-                self.subscribers.remove(w)
-            else:
-                w.write(line)
-
-    # -- admin socket ------------------------------------------------------------------------
-    async def _admin_client(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                try:
-                    req = json.loads(line)
-                    cmd = req.get("cmd")
-                    if cmd == "events":
-                        writer.write((json.dumps({"ok": True, "result": self.status()})
-                                      + "\n").encode())
-                        self.subscribers.append(writer)
-                        continue
-                    fn = _ADMIN.get(cmd)
-                    if fn is None:
-                        raise NodeError(f"unknown command {cmd!r}")
-                    result = fn(self, **req.get("args", {}))
-                    if asyncio.iscoroutine(result):
-                        result = await result
-                    reply = {"ok": True, "result": result}
-                except NodeError as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                except (ValueError, TypeError) as exc:
-                    reply = {"ok": False, "error": f"bad request: {exc}"}
-                writer.write((json.dumps(reply) + "\n").encode())
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            if writer in self.subscribers:
-                self.subscribers.remove(writer)
-            writer.close()
+        self.admin.emit(kind, **fields)
 
 
 _CONTROL_OPS = {
@@ -797,18 +578,6 @@ _CONTROL_OPS = {
     "sync-start": Node._ctl_sync_start,
     "sync-done": Node._ctl_sync_done,
     "renegotiate": Node._ctl_renegotiate,
-    "verify": Node._ctl_verify,
+    "verify": lambda node, link, body: node.verifier.on_control(link, body),
 }
 
-
-_ADMIN = {
-    "status": Node.status,
-    "primary": Node.cmd_primary,
-    "secondary": Node.cmd_secondary,
-    "connect": Node.cmd_connect,
-    "disconnect": Node.cmd_disconnect,
-    "down": Node.cmd_down,
-    "verify": verify_mod.start_verify,
-    "invalidate": verify_mod.invalidate,
-    "resync": verify_mod.resync,
-}

@@ -1,4 +1,4 @@
-"""Online verify, `resync` and `invalidate`.
+"""Online verify: both sides of the block comparison.
 
 Verify: the verify source walks the whole device in 1 MiB requests; for each it reads its
 blocks, sends their CRC32C (P_OV_REQUEST), and the target compares them with its own and
@@ -7,6 +7,11 @@ in their bitmaps; a resync (`blockrep resync`, or any reconnect) then copies the
 The Primary drives a verify (if it is asked on the Secondary, it asks the Primary): the
 Primary reads a range and queues the request in one loop step, ordered in the stream with
 its application writes, so concurrent writes cause no false reports.
+
+Owns: the verify source's walk and window, the target's comparison, and the node's verify
+slot (`Verifier`: which verify runs, the last result, their start and end).
+Must not: set node states except through the node's setters; node.py lists the verify
+packets in its packet table; admin.py runs the command after blockrep.state's check.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ import struct
 from ..bitmap import BLOCK
 from ..peer import proto
 from ..peer.proto import P
-from ..state import DiskState, Generation, ReplState, Role
+from ..state import ReplState
 from .resync import Progress
 
-log = logging.getLogger("blockrep.verify")
 
 CHUNK = 1 << 20
 WINDOW = 8
 _HDR = proto.HEADER.pack
+
+log = logging.getLogger("blockrep.verify")
 
 
 
@@ -78,17 +84,10 @@ class Verify:
             await self.wake.wait()
         if self.state == "running":
             self.state = "done"
-        node.last_verify = self.status(node.loop.time())
-        node.verify = None
-        if node.repl in (ReplState.VERIFY_SOURCE,):
-            node.repl = ReplState.ESTABLISHED
-        node.persist()
-        if node.store is not None:
-            node.store.flush_bitmap()  # what verify found is not covered by the AL
-        log.info("verify %s: %d out-of-sync block(s) found (%d bytes)", self.state,
-                 self.found_blocks, self.found_blocks * BLOCK)
-        node.emit("verify-finished", **node.last_verify)
-        if link is node.link and not link.closed:
+
+    def tell_peer_done(self) -> None:
+        link = self.link
+        if link is self.node.link and not link.closed:
             link.send_control(P.CONTROL, {"op": "verify", "action": "done",
                                           "found_blocks": self.found_blocks})
 
@@ -141,99 +140,68 @@ class VerifyTarget:
         link.send(_HDR(proto.MAGIC, P.OV_REPLY, 0, pid, offset, size, len(body), 0), body)
 
 
-def _on_ov_request(node, link, *a):
-    if not isinstance(node.verify, VerifyTarget):
-        node.verify = VerifyTarget(node)
-        node.repl = ReplState.VERIFY_TARGET
-        node.emit("verify-started", role="VerifyT")
-    node.verify.on_request(link, *a)
+class Verifier:
+    """The node's verify slot: the verify running here (as source or target) and the last
+    result; starts and ends them (the replication state through the node's setter)."""
 
+    def __init__(self, node):
+        self.node = node
+        self.current: Verify | VerifyTarget | None = None
+        self.last: dict | None = None
 
-def _on_ov_reply(node, link, *a):
-    if isinstance(node.verify, Verify):
-        node.verify.on_reply(link, *a)
+    def status(self, now: float) -> dict | None:
+        return self.current.status(now) if self.current is not None else self.last
 
+    def start(self, link) -> None:
+        """Run a verify as its source (the Primary, or either node when both are Secondary)."""
+        node = self.node
+        v = self.current = Verify(node, link)
+        node.set_replication(ReplState.VERIFY_SOURCE)
+        node.emit("verify-started", role="VerifyS")
+        log.info("online verify started (%d bytes)", node.size)
+        node.tasks.append(node.loop.create_task(self._run(v)))
 
-def install(node) -> None:
-    node.handlers[P.OV_REQUEST] = lambda link, *a: _on_ov_request(node, link, *a)
-    node.handlers[P.OV_REPLY] = lambda link, *a: _on_ov_reply(node, link, *a)
+    async def _run(self, v: Verify) -> None:
+        await v.run()
+        self._finished(v)
+        v.tell_peer_done()
 
+    def cancel(self, reason: str) -> None:
+        if self.current is not None:
+            self.current.cancel(reason)
 
-def start_verify(node) -> str:
-    from .node import NodeError
-    link = node.link
-    if link is None or node.repl == ReplState.OFF:
-        raise NodeError("verify refused: not connected to the peer")
-    if node.repl != ReplState.ESTABLISHED:
-        raise NodeError(f"verify refused: replication is {node.repl.value}, not Established")
-    if node.verify is not None:
-        raise NodeError("verify refused: a verify is already running")
-    if DiskState.UP_TO_DATE != node.disk_state or DiskState.UP_TO_DATE != node.peer_disk:
-        raise NodeError(f"verify refused: disks are {node.disk_state.value}/"
-                        f"{node.peer_disk.value}, not both UpToDate")
-    if not node.is_primary and node.peer_role == Role.PRIMARY:
-        link.send_control(P.CONTROL, {"op": "verify", "action": "start"})
-        return f"verify started on the Primary ({node.peer_cfg.name})"
-    return _start_here(node, link)
+    def on_request(self, link, *a) -> None:  # P_OV_REQUEST
+        if not isinstance(self.current, VerifyTarget):
+            self.current = VerifyTarget(self.node)
+            self.node.set_replication(ReplState.VERIFY_TARGET)
+            self.node.emit("verify-started", role="VerifyT")
+        self.current.on_request(link, *a)
 
+    def on_reply(self, link, *a) -> None:  # P_OV_REPLY
+        if isinstance(self.current, Verify):
+            self.current.on_reply(link, *a)
 
-def _start_here(node, link) -> str:
-    v = node.verify = Verify(node, link)
-    node.repl = ReplState.VERIFY_SOURCE
-    node.emit("verify-started", role="VerifyS")
-    log.info("online verify started (%d bytes)", node.size)
-    node.loop.create_task(v.run())
-    return "verify started"
+    def on_control(self, link, body: dict) -> None:
+        action = body.get("action")
+        if action == "start":  # the Secondary's operator asked for a verify
+            if self.current is None and self.node.repl == ReplState.ESTABLISHED:
+                self.start(link)
+        elif action == "done":
+            if isinstance(self.current, VerifyTarget):
+                self.current.state = "done"
+                self._finished(self.current)
+        else:
+            raise proto.LinkProtocolError(f"unknown verify action {action!r}")
 
-
-def on_verify_control(node, link, body: dict) -> None:
-    action = body.get("action")
-    if action == "start":
-        if node.verify is None and node.repl == ReplState.ESTABLISHED:
-            _start_here(node, link)
-    elif action == "done":
-        if isinstance(node.verify, VerifyTarget):
-            v = node.verify
-            v.state = "done"
-            node.last_verify = v.status(node.loop.time())
-            node.verify = None
-            node.repl = ReplState.ESTABLISHED
-            node.persist()
-            if node.store is not None:
-                node.store.flush_bitmap()
-            log.info("verify finished (target): %d out-of-sync block(s)", v.found_blocks)
-            node.emit("verify-finished", **node.last_verify)
-    else:
-        raise proto.LinkProtocolError(f"unknown verify action {action!r}")
-
-
-def resync(node) -> str:
-    """Repair what verify (or anything else) marked: renegotiate, the rules pick the way."""
-    from .node import NodeError
-    if node.bitmap.count() == 0:
-        return "nothing out of sync"
-    link = node.link
-    if link is None:
-        raise NodeError("resync refused: not connected to the peer")
-    if node.repl != ReplState.ESTABLISHED:
-        raise NodeError(f"resync refused: replication is {node.repl.value}")
-    link.send_control(P.CONTROL, {"op": "renegotiate"})
-    link.close("renegotiating to resync out-of-sync blocks")
-    return f"resync of {node.bitmap.count_bytes()} bytes requested"
-
-
-def invalidate(node) -> str:
-    """Throw away the local data: a full resync from the peer follows."""
-    from .node import NodeError
-    if node.is_primary:
-        raise NodeError("invalidate refused: this node is Primary")
-    if node.peer_disk not in (DiskState.UP_TO_DATE, DiskState.DUNKNOWN):
-        raise NodeError(f"invalidate refused: the peer's disk is {node.peer_disk.value}")
-    node.gen.__dict__.update(Generation().__dict__)
-    node.bitmap.set_all()
-    node.set_disk(DiskState.INCONSISTENT)
-    node.persist()
-    if node.link is not None:
-        node.link.send_control(P.CONTROL, {"op": "renegotiate"})
-        node.link.close("invalidated: renegotiating for a full resync")
-    return "local data invalidated; a full resync from the peer follows"
+    def _finished(self, v: Verify | VerifyTarget) -> None:
+        node = self.node
+        self.last = v.status(node.loop.time())
+        self.current = None
+        if node.repl in (ReplState.VERIFY_SOURCE, ReplState.VERIFY_TARGET):
+            node.set_replication(ReplState.ESTABLISHED)
+        node.persist()
+        if node.store is not None:
+            node.store.flush_bitmap()  # what verify found is not covered by the AL
+        log.info("verify %s: %d out-of-sync block(s) found (%d bytes)", v.state,
+                 v.found_blocks, v.found_blocks * BLOCK)
+        node.emit("verify-finished", **self.last)

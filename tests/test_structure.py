@@ -1,0 +1,105 @@
+"""Structure checks any reader can redo: no import circle among blockrep/ modules (imports
+inside functions count too: a deferred import is still a circle), and shell/node.py stays
+small."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "blockrep")
+
+
+def modules() -> dict[str, str]:
+    """Dotted module name -> file, for every .py under blockrep/."""
+    found = {}
+    for dirpath, _dirs, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                found[".".join(rel)] = path
+    return found
+
+
+def imports_of(name: str, path: str, known: set[str]) -> set[str]:
+    """The blockrep modules that module `name` imports, anywhere in its body."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    is_pkg = path.endswith("__init__.py")
+    package = name if is_pkg else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in known:
+                    out.add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if target in known:
+                out.add(target)
+            for alias in node.names:  # `from . import verify`: a module, not a name
+                sub = f"{target}.{alias.name}"
+                if sub in known:
+                    out.add(sub)
+    out.discard(name)
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, comps = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return comps
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports_of(name, path, known) for name, path in mods.items()}
+
+
+def test_the_graph_sees_relative_and_deferred_imports():
+    g = import_graph()
+    assert "blockrep.state" in g["blockrep.shell.node"]          # from .. import state
+    assert "blockrep.shell.verify" in g["blockrep.shell.node"]   # from .verify import ...
+    assert "blockrep.shell.admin" in g["blockrep.cli"]           # inside a function
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_circle_among_blockrep_modules():
+    assert cycles(import_graph()) == []
