@@ -1,18 +1,53 @@
-"""The `blockrep` command line."""
+"""The `blockrep` command line.
+
+Owns: the argument parser, the client side of the admin socket, exit codes (one per failure
+class, listed in docs/operations.md), `--json` output (results and errors), waiting for
+states (`wait-connect`, `wait-sync`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
+import time
 
 from .disk import Disk, parse_size
 from .nbd.constants import TransmissionFlag as TF
 from .nbd.handshake import Export
 
 log = logging.getLogger("blockrep")
+
+# exit codes, one per failure class (docs/operations.md)
+EXIT_OK = 0
+EXIT_ERROR = 1         # anything else: I/O errors of serve/up, a node that went away
+EXIT_USAGE = 2         # bad arguments or request (argparse uses 2 too)
+EXIT_CONFIG = 3        # the configuration is invalid
+EXIT_NOT_RUNNING = 4   # the node is not running (no admin socket)
+EXIT_REFUSED = 5       # the node refused the command (its state does not allow it)
+EXIT_PERMISSION = 6    # not allowed: admin socket permissions, SO_PEERCRED, unsafe run-dir
+EXIT_TIMEOUT = 7       # wait-connect / wait-sync / the admin request timed out
+EXIT_METADATA = 8      # metadata missing, corrupt or in use
+EXIT_PIPE = 141        # stdout closed early (`blockrep status | head`): 128 + SIGPIPE
+
+_CODE_EXIT = {"usage": EXIT_USAGE, "config": EXIT_CONFIG, "permission-denied": EXIT_PERMISSION,
+              "unsafe-run-dir": EXIT_PERMISSION}
+
+
+class CliError(SystemExit):
+    """A failure the CLI reports in one line (or one JSON object) and exits with."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR, code: str = "error"):
+        super().__init__(status)
+        self.message = message
+        self.kind = code
+
+    def __str__(self) -> str:
+        return self.message
 
 WRITABLE_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM
                   | TF.SEND_WRITE_ZEROES | TF.SEND_DF | TF.SEND_CACHE | TF.SEND_FAST_ZERO
@@ -93,32 +128,62 @@ def _load_cfg(args):
         cfg = load(args.config)
         node = cfg.node(args.node)
     except ConfigError as exc:
-        raise SystemExit(f"blockrep: {exc}") from None
+        raise CliError(str(exc), EXIT_CONFIG, "config") from None
     return cfg, node
 
 
-def admin_call(cfg, node: str, cmd: str, timeout: float = 30.0, **args):
-    """One request to a running node's admin socket -> its result (or SystemExit)."""
-    import json
+def admin_connect(cfg, node: str, timeout: float = 30.0):
+    """A connected socket to a running node's admin socket (or CliError). The directory
+    must be controlled by root or this user only: anyone else could have put a fake
+    server there."""
     import socket as _s
 
+    from .shell.admin import check_run_dir
+
     path = cfg.admin_socket(node)
+    if not os.path.lexists(path):
+        raise CliError(f"node {node} of resource {cfg.name} is not running (no admin socket "
+                       f"{path})", EXIT_NOT_RUNNING, "not-running")
+    why = check_run_dir(os.path.dirname(path) or ".")
+    if why:
+        raise CliError(f"not trusting admin socket {path}: {why}", EXIT_PERMISSION,
+                       "unsafe-run-dir")
     sock = _s.socket(_s.AF_UNIX, _s.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
+    except PermissionError:
+        sock.close()
+        raise CliError(f"permission denied on admin socket {path}: node {node} takes "
+                       f"requests from root, its own user and its admin-group only",
+                       EXIT_PERMISSION, "permission-denied") from None
     except OSError as exc:
-        raise SystemExit(f"blockrep: node {node} of resource {cfg.name} is not running "
-                         f"(admin socket {path}: {exc.strerror})") from None
-    with sock, sock.makefile("rwb") as f:
-        f.write((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
-        f.flush()
-        line = f.readline()
+        sock.close()
+        raise CliError(f"node {node} of resource {cfg.name} is not running (admin socket "
+                       f"{path}: {exc.strerror})", EXIT_NOT_RUNNING, "not-running") from None
+    return sock
+
+
+def admin_call(cfg, node: str, cmd: str, timeout: float = 30.0, **args):
+    """One request to a running node's admin socket -> its result (or CliError)."""
+    sock = admin_connect(cfg, node, timeout)
+    try:
+        with sock, sock.makefile("rwb") as f:
+            f.write((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
+            f.flush()
+            line = f.readline()
+    except TimeoutError:
+        raise CliError(f"node {node} did not answer {cmd!r} within {timeout:g}s",
+                       EXIT_TIMEOUT, "timeout") from None
+    except OSError as exc:
+        raise CliError(f"node {node}: admin connection failed: {exc.strerror}") from None
     if not line:
-        raise SystemExit(f"blockrep: node {node} closed the admin connection")
+        raise CliError(f"node {node} closed the admin connection")
     reply = json.loads(line)
     if not reply.get("ok"):
-        raise SystemExit(f"blockrep: {reply.get('error')}")
+        code = reply.get("code", "error")
+        status = _CODE_EXIT.get(code, EXIT_REFUSED if code != "error" else EXIT_ERROR)
+        raise CliError(str(reply.get("error")), status, code)
     return reply["result"]
 
 
@@ -136,94 +201,93 @@ def cmd_up(args) -> int:
             try:
                 store = open_store(cfg, node)
             except MetaError as exc:
-                raise SystemExit(f"blockrep up: {exc}") from None
+                raise CliError(f"up: {exc}", EXIT_METADATA, "metadata") from None
         await Node(cfg, node.name, store=store).run()
 
+    from .shell.admin import AdminError
     try:
         uvloop.run(run())
+    except AdminError as exc:
+        raise CliError(f"up: {exc}", _CODE_EXIT.get(exc.code, EXIT_ERROR), exc.code) from None
     except (OSError, ValueError) as exc:
-        print(f"blockrep up: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"up: {exc}") from None
     return 0
+
+
+def _print_result(args, result) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": True, "result": result}))
+    elif result is not None:
+        print(result if isinstance(result, str) else json.dumps(result))
 
 
 def _simple(cmd: str, **fixed):
     def run(args) -> int:
         cfg, node = _load_cfg(args)
         extra = {k: getattr(args, k) for k in fixed}
-        result = admin_call(cfg, node.name, cmd, **extra)
-        if result is not None:
-            print(result if isinstance(result, str) else __import__("json").dumps(result))
-        return 0
+        _print_result(args, admin_call(cfg, node.name, cmd, **extra))
+        return EXIT_OK
     return run
 
 
-def format_status(s: dict) -> str:
-    def human(n):
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(n) < 1024 or unit == "TiB":
-                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-            n /= 1024
-    lines = [f"{s['resource']} node:{s['node']} role:{s['role']}",
-             f"  disk:{s['disk']} size:{human(s['size_bytes'])}",
-             f"  {s['peer']['name']} connection:{s['connection']} role:{s['peer']['role']}",
-             f"    replication:{s['replication']} peer-disk:{s['peer']['disk']} "
-             f"out-of-sync:{human(s['out_of_sync_bytes'])}"]
-    if s.get("sync"):
-        sy = s["sync"]
-        eta = f" eta:{sy['eta_s']}s" if sy.get("eta_s") is not None else ""
-        lines.append(f"    sync: {sy['percent']}% ({human(sy['done_bytes'])} of "
-                     f"{human(sy['total_bytes'])}) rate:{human(sy['rate_bytes_per_s'])}/s{eta}")
-    if s.get("decision"):
-        lines.append(f"    last decision: {s['decision']['strategy']} "
-                     f"(rule: {s['decision']['rule']})")
-    if s.get("verify"):
-        v = s["verify"]
-        lines.append(f"    verify: {v.get('state')} {v.get('percent', '')}% "
-                     f"out-of-sync found: {human(v.get('found_bytes', 0))}")
-    if s.get("last_error"):
-        lines.append(f"    last error: {s['last_error']}")
-    c = s["counters"]
-    lines.append(f"  writes replicated:{c['writes_replicated']} "
-                 f"({human(c['bytes_replicated'])}) applied:{c['writes_applied']} "
-                 f"local-only:{c['writes_local_only']}")
-    n = s["nbd"]
-    lines.append(f"  nbd: nbd://{n['address']}/{n['export']} "
-                 f"{'serving' if n['serving'] else 'refusing (Secondary)'} "
-                 f"clients:{n['clients']}")
-    return "\n".join(lines)
-
-
 def cmd_status(args) -> int:
-    import json
+    from .shell.admin import format_status
     cfg, node = _load_cfg(args)
     s = admin_call(cfg, node.name, "status")
     print(json.dumps(s, indent=1) if args.json else format_status(s))
-    return 0
+    return EXIT_OK
 
 
 def cmd_events(args) -> int:
-    import json
-    import socket as _s
     cfg, node = _load_cfg(args)
-    sock = _s.socket(_s.AF_UNIX, _s.SOCK_STREAM)
-    try:
-        sock.connect(cfg.admin_socket(node.name))
-    except OSError as exc:
-        raise SystemExit(f"blockrep: node {node.name} is not running ({exc.strerror})")
+    sock = admin_connect(cfg, node.name, timeout=None)
     with sock, sock.makefile("rwb") as f:
         f.write(b'{"cmd": "events"}\n')
         f.flush()
         try:
             for line in f:
                 ev = json.loads(line)
+                if ev.get("ok") is False:
+                    raise CliError(str(ev.get("error")),
+                                   _CODE_EXIT.get(ev.get("code"), EXIT_ERROR),
+                                   ev.get("code", "error"))
                 if "result" in ev:
                     ev = {"event": "exists", **{k: ev["result"][k] for k in
                           ("role", "disk", "connection", "replication", "out_of_sync_bytes")}}
                 print(json.dumps(ev), flush=True)
         except KeyboardInterrupt:
             pass
-    return 0
+    return EXIT_OK
+
+
+def _wait_for_state(args, pred, what: str) -> int:
+    """Poll the node's status until pred(status) holds, or fail after --timeout."""
+    cfg, node = _load_cfg(args)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        s = admin_call(cfg, node.name, "status")
+        if pred(s):
+            _print_result(args, {k: s[k] for k in ("role", "disk", "connection",
+                                                     "replication", "out_of_sync_bytes")}
+                          if args.json else f"{what}: {s['connection']}, {s['replication']}, "
+                          f"{s['disk']}/{s['peer']['disk']}")
+            return EXIT_OK
+        if time.monotonic() >= deadline:
+            raise CliError(f"timed out after {args.timeout:g}s waiting for {what} (now "
+                           f"{s['connection']}, {s['replication']}, disks "
+                           f"{s['disk']}/{s['peer']['disk']})", EXIT_TIMEOUT, "timeout")
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def cmd_wait_connect(args) -> int:
+    return _wait_for_state(args, lambda s: s["connection"] == "Connected"
+                           and s["replication"] != "Off", "connected")
+
+
+def cmd_wait_sync(args) -> int:
+    return _wait_for_state(args, lambda s: s["replication"] == "Established"
+                           and s["disk"] == "UpToDate" and s["peer"]["disk"] == "UpToDate",
+                           "in sync")
 
 
 def cmd_demo(args) -> int:
@@ -253,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("config", help="resource configuration (TOML)")
         c.add_argument("--node", help="this node's name (default: the host name)")
+        c.add_argument("--json", action="store_true",
+                       help="machine-readable output, errors included")
         c.set_defaults(func=func)
         return c
 
@@ -273,8 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolve a split brain: this node's changes are overwritten")
     res_cmd("disconnect", "drop the peer connection and stay StandAlone",
             _simple("disconnect"))
-    c = res_cmd("status", "show the resource's state", cmd_status)
-    c.add_argument("--json", action="store_true", help="machine-readable output")
+    res_cmd("status", "show the resource's state", cmd_status)
+    for name, helptext, func in (
+            ("wait-connect", "wait until the peer is connected", cmd_wait_connect),
+            ("wait-sync", "wait until both disks are UpToDate and no resync runs",
+             cmd_wait_sync)):
+        c = res_cmd(name, helptext, func)
+        c.add_argument("--timeout", type=float, default=60.0,
+                       help=f"give up after this many seconds (exit {EXIT_TIMEOUT}; "
+                            f"default 60)")
     res_cmd("events", "print state changes as JSON lines until interrupted", cmd_events)
     res_cmd("verify", "online verify: compare the disks block by block", _simple("verify"))
     res_cmd("resync", "copy what is marked out of sync (e.g. after verify)",
@@ -299,27 +372,44 @@ def cmd_create_md(args) -> int:
     from .meta import MetaError, create_md
     cfg, node = _load_cfg(args)
     try:
-        print(create_md(cfg, node, force=args.force))
+        _print_result(args, create_md(cfg, node, force=args.force))
     except MetaError as exc:
-        raise SystemExit(f"blockrep create-md: {exc}") from None
-    return 0
+        raise CliError(f"create-md: {exc}", EXIT_METADATA, "metadata") from None
+    return EXIT_OK
 
 
 def cmd_dump_md(args) -> int:
     from .meta import MetaError, dump_md
     cfg, node = _load_cfg(args)
     try:
-        print(dump_md(cfg, node))
+        _print_result(args, dump_md(cfg, node))
     except MetaError as exc:
-        raise SystemExit(f"blockrep dump-md: {exc}") from None
-    return 0
+        raise CliError(f"dump-md: {exc}", EXIT_METADATA, "metadata") from None
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return args.func(args)
+    try:
+        try:
+            return args.func(args)
+        except CliError as exc:
+            if getattr(args, "json", False):
+                print(json.dumps({"ok": False, "error": exc.message, "code": exc.kind,
+                                  "exit": exc.code}))
+            else:
+                print(f"blockrep: {exc.message}", file=sys.stderr)
+            return exc.code
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # `blockrep status | head`: the reader is gone; no traceback, no second error
+        # when Python flushes stdout on exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":
