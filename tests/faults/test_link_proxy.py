@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import PY, ROOT, wait_for
+from support.helpers import PY, ROOT, wait_for
 
 from blockrep.faults.proxy import ProxyError, ProxyThread, control
 from blockrep.faults.shaping import Schedule, Shape, parse_rate

@@ -9,10 +9,10 @@ from __future__ import annotations
 import errno
 import os
 
-from faulttools import faulty_disk_for
-from helpers import require_tool, start_serve
-from nbd_testlib import RawClient
-from repltools import MiB, cmp_data, read_at
+from support.faulttools import faulty_disk_for
+from support.helpers import require_tool, start_serve
+from support.nbd_testlib import RawClient
+from support.repltools import MiB, cmp_data, read_at
 
 from blockrep.faults.disk import TOOLS, FaultyDisk, TinyTmpfs
 

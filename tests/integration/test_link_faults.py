@@ -9,10 +9,10 @@ import os
 import re
 import time
 
-from faulttools import route_through_proxy
-from helpers import require_tool
-from nbd_testlib import RawClient
-from repltools import MiB, cmp_data, read_at
+from support.faulttools import route_through_proxy
+from support.helpers import require_tool
+from support.nbd_testlib import RawClient
+from support.repltools import MiB, cmp_data, read_at
 
 
 def established(s) -> bool:

@@ -5,4 +5,5 @@ see tests/conftest.py).
 - cluster: a two-node resource on loopback driven through its CLI and admin sockets
 - repltools: fio and qemu-io runs against a node's export, comparing the nodes' disks
 - nbd_testlib: a raw-socket NBD client and a runner for python3-libnbd scripts
+- faulttools: the fault toolkit (blockrep/faults) put into a Cluster: link proxy, faulty disk
 """
