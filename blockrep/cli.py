@@ -141,9 +141,16 @@ def admin_connect(cfg, node: str, timeout: float = 30.0):
     from .shell.admin import check_run_dir
 
     path = cfg.admin_socket(node)
-    if not os.path.lexists(path):
+    denied = CliError(f"permission denied on admin socket {path}: node {node} takes "
+                      f"requests from root, its own user and its admin-group only",
+                      EXIT_PERMISSION, "permission-denied")
+    try:
+        os.lstat(path)
+    except PermissionError:
+        raise denied from None
+    except OSError:
         raise CliError(f"node {node} of resource {cfg.name} is not running (no admin socket "
-                       f"{path})", EXIT_NOT_RUNNING, "not-running")
+                       f"{path})", EXIT_NOT_RUNNING, "not-running") from None
     why = check_run_dir(os.path.dirname(path) or ".")
     if why:
         raise CliError(f"not trusting admin socket {path}: {why}", EXIT_PERMISSION,
@@ -154,9 +161,7 @@ def admin_connect(cfg, node: str, timeout: float = 30.0):
         sock.connect(path)
     except PermissionError:
         sock.close()
-        raise CliError(f"permission denied on admin socket {path}: node {node} takes "
-                       f"requests from root, its own user and its admin-group only",
-                       EXIT_PERMISSION, "permission-denied") from None
+        raise denied from None
     except OSError as exc:
         sock.close()
         raise CliError(f"node {node} of resource {cfg.name} is not running (admin socket "

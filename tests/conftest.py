@@ -33,8 +33,11 @@ def cluster(tmp_path):
 
     made = []
 
-    def _make(**kw):
-        c = Cluster(tmp_path / f"c{len(made)}", **kw) if made else Cluster(tmp_path, **kw)
+    def _make(tmp=None, **kw):
+        """tmp: the cluster's directory (default: the test's tmp_path)."""
+        if tmp is None:
+            tmp = tmp_path / f"c{len(made)}" if made else tmp_path
+        c = Cluster(tmp, **kw)
         made.append(c)
         return c
 
