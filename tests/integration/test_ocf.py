@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, require_tool, run
-from repltools import qemu_io
+from support.helpers import ROOT, require_tool, run
+from support.repltools import qemu_io
 
 AGENT = os.path.join(ROOT, "ocf", "blockrep")
 BLOCKREP = os.path.join(os.path.dirname(sys.executable), "blockrep")  # the venv's

@@ -10,7 +10,7 @@ import socket
 import subprocess
 
 import pytest
-from helpers import PY, ROOT, port_open, require_tool, run, stop_process
+from support.helpers import PY, ROOT, port_open, require_tool, run, stop_process
 
 UNIT = os.path.join(ROOT, "contrib", "systemd", "blockrep@.service")
 
