@@ -3,111 +3,61 @@
 Creates two disk images and a resource configuration under a state directory, creates
 metadata, starts both nodes (`blockrep up`) as child processes, promotes alpha (a new pair of
 blank images needs no initial sync), waits until the nodes are connected, prints how to
-attach NBD clients, and on Ctrl-C demotes alpha and stops both nodes cleanly.
+attach NBD clients, and on Ctrl-C demotes alpha and stops both nodes cleanly. The pair is
+blockrep.loopback's, the one the tests and tools/bench start too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from .config import load
 from .disk import parse_size
+from .loopback import NODES, LoopbackPair, PairError, ports_near
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _pick(port: int, taken: set) -> int:
-    while port in taken or not _port_free(port):
-        port += 1
-    taken.add(port)
-    return port
-
-
-def _write_config(d: str, size: int, nbd_port: int) -> str:
+def _pair(d: str, size: int, nbd_port: int) -> LoopbackPair:
+    """The demo's pair; a configuration left by an earlier run keeps its ports and secret."""
     path = os.path.join(d, "r0.toml")
     if os.path.exists(path):
-        return path
-    taken: set = set()
-    ports = {"a_link": _pick(7789, taken), "b_link": _pick(7790, taken),
-             "a_nbd": _pick(nbd_port, taken), "b_nbd": _pick(nbd_port + 1, taken)}
-    text = f"""# blockrep demo resource: two nodes on this machine (see docs/operations.md)
-[resource]
-name = "r0"
-protocol = "C"
-shared-secret = "{secrets.token_hex(16)}"
-run-dir = "{os.path.join(d, 'run')}"
-
-[node.alpha]
-address = "127.0.0.1:{ports['a_link']}"
-disk = "{os.path.join(d, 'alpha.img')}"
-nbd = "127.0.0.1:{ports['a_nbd']}"
-
-[node.beta]
-address = "127.0.0.1:{ports['b_link']}"
-disk = "{os.path.join(d, 'beta.img')}"
-nbd = "127.0.0.1:{ports['b_nbd']}"
-"""
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+        old = load(path)
+        secret = old.shared_secret
+        ports = {n: (old.nodes[n].address[1], old.nodes[n].nbd[1]) for n in NODES}
+    else:
+        secret = secrets.token_hex(16)
+        a_link, b_link, a_nbd, b_nbd = ports_near([7789, 7790, nbd_port, nbd_port + 1])
+        ports = {"alpha": (a_link, a_nbd), "beta": (b_link, b_nbd)}
+    return LoopbackPair(d, name="r0", secret=secret, size=size, ports=ports,
+                        resource={"protocol": "C"}, shared_config=True,
+                        comment="blockrep demo resource: two nodes on this machine "
+                                "(see docs/operations.md)")
 
 
-def _cli(*args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "blockrep", *args], capture_output=True,
-                         text=True, timeout=60)
+def _cli(pair: LoopbackPair, node: str, *args, check=True) -> subprocess.CompletedProcess:
+    res = pair.cli(node, *args)
     if check and res.returncode != 0:
-        raise SystemExit(f"blockrep demo: 'blockrep {' '.join(args)}' failed: "
+        raise SystemExit(f"blockrep demo: 'blockrep {' '.join(args)} --node {node}' failed: "
                          f"{(res.stderr or res.stdout).strip()}")
     return res
-
-
-def _status(cfg_path: str, node: str) -> dict | None:
-    res = _cli("status", cfg_path, "--node", node, "--json", check=False)
-    return json.loads(res.stdout) if res.returncode == 0 else None
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise SystemExit(f"blockrep demo: timed out waiting for {what}")
 
 
 def run_demo(args) -> int:
     d = os.path.abspath(args.dir)
     os.makedirs(d, exist_ok=True)
     size = parse_size(args.size)
-    fresh = False
-    for node in ("alpha", "beta"):
-        img = os.path.join(d, f"{node}.img")
-        if not os.path.exists(img):
-            with open(img, "wb") as f:
-                f.truncate(size)
-            fresh = True
-    cfg_path = _write_config(d, size, args.nbd_port)
+    fresh = not all(os.path.exists(os.path.join(d, f"{n}.img")) for n in NODES)
+    pair = _pair(d, size, args.nbd_port)
+    cfg_path = pair.configs["alpha"]
     cfg = load(cfg_path)
     if fresh:
-        for node in ("alpha", "beta"):
-            print(_cli("create-md", cfg_path, "--node", node, "--force").stdout.strip())
-    procs = {}
+        for node in NODES:
+            print(_cli(pair, node, "create-md", "--force").stdout.strip())
+    procs = pair.procs
     stopping = False
 
     def stop(*_):
@@ -117,30 +67,24 @@ def run_demo(args) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        for node in ("alpha", "beta"):
-            log = open(os.path.join(d, f"{node}.log"), "a")
-            procs[node] = subprocess.Popen(
-                [sys.executable, "-m", "blockrep", "up", cfg_path, "--node", node],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        for node in ("alpha", "beta"):
-            _wait(lambda n=node: procs[n].poll() is not None or _status(cfg_path, n), 30,
-                  f"node {node} to start")
-            if procs[node].poll() is not None:
-                raise SystemExit(f"blockrep demo: node {node} exited; see "
-                                 f"{os.path.join(d, node + '.log')}")
-        _wait(lambda: (_status(cfg_path, "alpha") or {}).get("connection") == "Connected",
-              30, "the nodes to connect")
-        st = _status(cfg_path, "alpha")
-        if st["role"] != "Primary":
-            if st["disk"] == "UpToDate":
-                _cli("primary", cfg_path, "--node", "alpha")
-            elif fresh:  # two new blank images are identical: no initial sync needed
-                _cli("primary", cfg_path, "--node", "alpha", "--force", "--skip-initial-sync")
-            else:
-                _cli("primary", cfg_path, "--node", "alpha", "--force")
-        _wait(lambda: (_status(cfg_path, "alpha") or {}).get("replication") in
-              ("Established", "SyncSource"), 30, "replication to be established")
-        st = _status(cfg_path, "alpha")
+        try:
+            for node in NODES:
+                pair.start(node, new_session=True)
+            pair.wait_status("alpha", lambda s: s["connection"] == "Connected", 30,
+                             "the nodes to connect")
+            st = pair.admin("alpha")
+            if st["role"] != "Primary":
+                if st["disk"] == "UpToDate":
+                    _cli(pair, "alpha", "primary")
+                elif fresh:  # two new blank images are identical: no initial sync needed
+                    _cli(pair, "alpha", "primary", "--force", "--skip-initial-sync")
+                else:
+                    _cli(pair, "alpha", "primary", "--force")
+            pair.wait_status("alpha", lambda s: s["replication"] in
+                             ("Established", "SyncSource"), 30, "replication to be established")
+        except PairError as exc:
+            raise SystemExit(f"blockrep demo: {exc}; see {d}/alpha.log, {d}/beta.log") from None
+        st = pair.admin("alpha")
         host, port = cfg.nodes["alpha"].nbd
         uri = f"nbd://{host}:{port}/"
         exe = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "blockrep"))
@@ -172,7 +116,7 @@ Logs: {d}/alpha.log, {d}/beta.log.   Ctrl-C stops both nodes.""", flush=True)
     finally:
         print("stopping: demoting alpha, then both nodes down", flush=True)
         if procs.get("alpha") and procs["alpha"].poll() is None:
-            _cli("secondary", cfg_path, "--node", "alpha", check=False)
+            _cli(pair, "alpha", "secondary", check=False)
         for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

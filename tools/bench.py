@@ -19,6 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from blockrep.loopback import LoopbackPair, PairError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
@@ -97,97 +99,65 @@ class Target:
 
 
 class ReplicatedTarget(Target):
-    """A blockrep primary with a connected secondary, both on loopback."""
+    """A blockrep primary with a connected secondary: blockrep.loopback's pair (the one the
+    demo and the tests use), run by `py` (this checkout's Python, or a baseline's)."""
 
     def __init__(self, name: str, disk: str, tmp: str, py: str = PY):
         self.tmp = tmp
         self.disk = disk
         tag = name.replace("@", "-")
         self.secondary = os.path.join(tmp, f"{tag}-secondary.img")
-        ports = [free_port() for _ in range(3)]
-        super().__init__(name, [], ports[2], py=py)
-        self.cfg = os.path.join(tmp, f"{tag}-r0.toml")
-        with open(self.cfg, "w") as f:
-            f.write(f"""[resource]
-name = "bench"
-shared-secret = "bench"
-run-dir = "{tmp}/run-{tag}"
-[node.alpha]
-address = "127.0.0.1:{ports[0]}"
-disk = "{disk}"
-nbd = "127.0.0.1:{ports[2]}"
-[node.beta]
-address = "127.0.0.1:{ports[1]}"
-disk = "{self.secondary}"
-nbd = "127.0.0.1:{free_port()}"
-""")
-        self.nodes = {}
+        self.pair = LoopbackPair(os.path.join(tmp, f"pair-{tag}"), name="bench",
+                                 secret="bench", python=py,
+                                 disks={"alpha": disk, "beta": self.secondary})
+        super().__init__(name, [], self.pair.nbd_port("alpha"), py=py)
+        self.cfg = self.pair.configs["alpha"]
+        self.nodes = self.pair.procs
 
     def cpu_pids(self) -> dict[str, int]:
         return {"primary": self.nodes["alpha"].pid, "secondary": self.nodes["beta"].pid} \
             if self.nodes else {}
 
     def cli(self, node, *args):
-        return subprocess.run([self.py, "-m", "blockrep", args[0], self.cfg, "--node", node,
-                               *args[1:]], capture_output=True, text=True, check=True,
-                              timeout=120).stdout
+        res = self.pair.cli(node, *args, timeout=120)
+        if res.returncode != 0:
+            raise subprocess.CalledProcessError(res.returncode, args[0], res.stdout,
+                                                res.stderr)
+        return res.stdout
 
     def status(self, node):
         """Over the admin socket, in this process: a CLI process per poll would steal the
-        CPU the measured resync needs (another checkout's nodes: through its CLI)."""
-        if self.py != PY:
-            try:
-                return json.loads(self.cli(node, "status", "--json"))
-            except subprocess.CalledProcessError as exc:
-                raise subprocess.CalledProcessError(1, "status", str(exc)) from None
-        from blockrep import config
-        from blockrep.cli import admin_call
+        CPU the measured resync needs."""
         try:
-            return admin_call(config.load(self.cfg), node, "status")
-        except SystemExit as exc:  # node not up yet
+            return self.pair.admin(node)
+        except (OSError, ValueError, PairError) as exc:  # node not up yet
             raise subprocess.CalledProcessError(1, "status", str(exc)) from None
 
     def start(self, log_dir: str) -> None:
         shutil.copyfile(self.disk, self.secondary)  # identical content: no initial sync
-        for n in ("alpha", "beta"):
-            self.cli(n, "create-md", "--force")
+        self.pair.create_md()
         self.start_nodes(log_dir)
         self.cli("alpha", "primary", "--force", "--skip-initial-sync")
-        deadline = time.monotonic() + 30
-        while self.status("alpha")["peer"]["disk"] != "UpToDate":
-            if time.monotonic() > deadline:
-                raise RuntimeError("replicated pair did not become UpToDate")
-            time.sleep(0.1)
+        try:
+            self.pair.wait_status("alpha", lambda s: s["peer"]["disk"] == "UpToDate", 30,
+                                  "the peer UpToDate", interval=0.1)
+        except PairError as exc:
+            raise RuntimeError(f"replicated pair did not become UpToDate: {exc}") from None
         self.proc = self.nodes["alpha"]
 
     def start_nodes(self, log_dir: str) -> None:
         """Start both nodes (`blockrep up`) and wait until they are connected."""
         for n in ("alpha", "beta"):
-            log = open(os.path.join(log_dir, f"{self.name}-{n}.log"), "w")
-            self.nodes[n] = subprocess.Popen(
-                [self.py, "-m", "blockrep", "up", self.cfg, "--node", n], stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.status("alpha")["connection"] == "Connected":
-                    return
-            except subprocess.CalledProcessError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("replicated pair did not connect")
-            time.sleep(0.1)
+            self.pair.start(n, new_session=True, wait=False,
+                            log=os.path.join(log_dir, f"{self.name}-{n}.log"))
+        try:
+            self.pair.wait_status("alpha", lambda s: s["connection"] == "Connected", 30,
+                                  "connected", interval=0.1)
+        except PairError as exc:
+            raise RuntimeError(f"replicated pair did not connect: {exc}") from None
 
     def stop(self) -> None:
-        for p in self.nodes.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.nodes.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        self.pair.stop_all()
 
 
 class QsdMirrorTarget(Target):
