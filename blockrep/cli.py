@@ -16,9 +16,9 @@ import signal
 import sys
 import time
 
+from .config import parse_address
 from .disk import Disk, parse_size
-from .nbd.constants import TransmissionFlag as TF
-from .nbd.handshake import Export
+from .nbd.handshake import make_export
 
 log = logging.getLogger("blockrep")
 
@@ -49,46 +49,21 @@ class CliError(SystemExit):
     def __str__(self) -> str:
         return self.message
 
-WRITABLE_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM
-                  | TF.SEND_WRITE_ZEROES | TF.SEND_DF | TF.SEND_CACHE | TF.SEND_FAST_ZERO
-                  | TF.CAN_MULTI_CONN)
-READ_ONLY_FLAGS = (TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_FLUSH | TF.SEND_DF | TF.SEND_CACHE
-                   | TF.CAN_MULTI_CONN)
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError(f"bad address {text!r}: port is not a number") from None
-    if not 0 <= p <= 65535:
-        raise ValueError(f"bad address {text!r}: port out of range")
-    return host, p
-
-
-def make_export(name: str, size: int, read_only: bool, direct: bool) -> Export:
-    return Export(name=name, size=size, flags=READ_ONLY_FLAGS if read_only else WRITABLE_FLAGS,
-                  description=f"blockrep export {name}",
-                  min_block=4096 if direct else 1, pref_block=4096,
-                  max_block=64 * 1024 * 1024)
-
-
 async def _serve(args) -> int:
     from .shell.nbd_server import NbdServer
 
     size = parse_size(args.size) if args.size else None
     disk = Disk(args.disk, size=size, create=args.create, read_only=args.read_only,
                 direct=args.direct)
-    server = NbdServer(disk, make_export(args.export, disk.size, args.read_only, args.direct))
+    server = NbdServer(disk, make_export(args.export, disk.size, read_only=args.read_only,
+                                         direct=args.direct))
     if args.unix:
         await server.listen_unix(args.unix)
         log.info("serving %s (%d bytes) on unix:%s", args.disk, disk.size, args.unix)
     if args.listen or not args.unix:
-        host, port = parse_hostport(args.listen or "127.0.0.1:10809", 10809)
+        host, port = parse_address(args.listen or "127.0.0.1:10809", "--listen",
+                                   default_port=10809, default_host="127.0.0.1",
+                                   any_port=True)
         srv = await server.listen_tcp(host, port)
         actual = srv.sockets[0].getsockname()[1]
         log.info("serving %s (%d bytes) on nbd://%s:%d/%s", args.disk, disk.size, host,

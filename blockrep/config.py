@@ -73,18 +73,24 @@ class ResourceConfig:
         return os.path.join(self.run_dir, f"{self.name}.{node}.sock")
 
 
-def parse_address(text, what: str) -> tuple[str, int]:
+def parse_address(text, what: str, *, default_port: int | None = None,
+                  default_host: str | None = None, any_port: bool = False) -> tuple[str, int]:
+    """"HOST:PORT" ("[V6]:PORT") -> (host, port), the one address parser (configuration and
+    command line). `default_port` allows a bare "HOST", `default_host` a bare ":PORT",
+    `any_port` port 0 (a listener on any free port)."""
     if not isinstance(text, str):
         raise ConfigError(f"{what}: expected \"HOST:PORT\", got {text!r}")
     host, sep, port = text.rpartition(":")
-    if not sep or not host:
+    if not sep and default_port is not None:
+        host, port = text, str(default_port)
+    host = host.strip("[]") or (default_host or "")
+    if not host:
         raise ConfigError(f"{what}: bad address {text!r} (expected HOST:PORT)")
-    host = host.strip("[]")
     try:
         p = int(port)
     except ValueError:
         raise ConfigError(f"{what}: bad address {text!r}: port is not a number") from None
-    if not 0 < p < 65536:
+    if not (0 if any_port else 1) <= p < 65536:
         raise ConfigError(f"{what}: bad address {text!r}: port out of range")
     try:
         ipaddress.ip_address(host)

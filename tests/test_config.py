@@ -368,3 +368,27 @@ def test_admin_socket():
     cfg = parse(with_(lambda r: r["resource"].update({"run-dir": "/srv/br"})))
     assert cfg.admin_socket("alpha") == "/srv/br/r0.alpha.sock"
     assert parse(base()).admin_socket("beta") == os.path.join("/run/blockrep", "r0.beta.sock")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10.0.0.1:7000", ("10.0.0.1", 7000)),
+    ("10.0.0.1", ("10.0.0.1", 10809)),     # bare host: the default port
+    (":7000", ("127.0.0.1", 7000)),        # bare port: the default host
+    ("127.0.0.1:0", ("127.0.0.1", 0)),     # port 0: any free port (a listener)
+    ("[::1]:7000", ("::1", 7000)),
+])
+def test_parse_address_command_line_form(text, expected):
+    """`serve --listen` uses the configuration's parser with defaults."""
+    assert parse_address(text, "--listen", default_port=10809, default_host="127.0.0.1",
+                         any_port=True) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("127.0.0.1:65536", "port out of range"),
+    ("127.0.0.1:x", "port is not a number"),
+    ("a b:1", "bad host"),
+])
+def test_parse_address_command_line_errors(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_address(text, "--listen", default_port=10809, default_host="127.0.0.1",
+                      any_port=True)

@@ -25,6 +25,8 @@ from .constants import (
 )
 from .proto import NbdProtocolError, Truncated
 
+TF = TransmissionFlag
+
 MAX_OPTION_LEN = 64 * 1024  # larger payloads are drained and answered ERR_TOO_BIG
 MAX_OPTIONS = 4096  # a client that never finishes negotiating is cut off
 
@@ -39,6 +41,23 @@ class Export:
     min_block: int = 1
     pref_block: int = 4096
     max_block: int = 64 * 1024 * 1024
+
+
+WRITABLE_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM
+                  | TF.SEND_WRITE_ZEROES | TF.SEND_DF | TF.SEND_CACHE | TF.SEND_FAST_ZERO
+                  | TF.CAN_MULTI_CONN)
+READ_ONLY_FLAGS = (TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_FLUSH | TF.SEND_DF | TF.SEND_CACHE
+                   | TF.CAN_MULTI_CONN)
+
+
+def make_export(name: str, size: int, *, read_only: bool = False, direct: bool = False,
+                description: str = "") -> Export:
+    """The export of a blockrep disk (`serve` and a replicated resource alike): the
+    transmission flags it offers, and its block sizes (O_DIRECT needs 4 KiB alignment)."""
+    return Export(name=name, size=size, flags=READ_ONLY_FLAGS if read_only else WRITABLE_FLAGS,
+                  description=description or f"blockrep export {name}",
+                  min_block=4096 if direct else 1, pref_block=4096,
+                  max_block=64 * 1024 * 1024)
 
 
 @dataclass

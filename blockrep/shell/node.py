@@ -24,8 +24,7 @@ from .. import state as st
 from ..bitmap import Bitmap
 from ..config import ResourceConfig
 from ..disk import Disk
-from ..nbd.constants import TransmissionFlag as TF
-from ..nbd.handshake import Export
+from ..nbd.handshake import make_export
 from ..peer import proto
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role, Strategy
@@ -37,9 +36,6 @@ from .resync import ResyncSource, ResyncTarget
 from .verify import Verifier
 
 log = logging.getLogger("blockrep.node")
-
-NBD_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
-             | TF.SEND_DF | TF.SEND_CACHE | TF.SEND_FAST_ZERO | TF.CAN_MULTI_CONN)
 
 
 class Node:
@@ -128,8 +124,8 @@ class Node:
         host, port = self.me.address
         self.servers.append(await self.loop.create_server(
             lambda: PeerLink(self, outbound=False), host, port, reuse_address=True))
-        export = Export(name=self.me.export, size=self.size, flags=NBD_FLAGS,
-                        description=f"blockrep resource {self.cfg.name} on {self.name}")
+        export = make_export(self.me.export, self.size,
+                             description=f"blockrep resource {self.cfg.name} on {self.name}")
         self.nbd = NbdServer(self.disk, export, submit=self.replicator.submit,
                              executor=self.executor)
         self.nbd.refusal = self.nbd_refusal()
