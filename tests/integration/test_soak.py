@@ -1,0 +1,28 @@
+"""A short fault soak in CI (tools/soak): two nodes under the versioned writer while nodes are
+killed and stopped, failovers happen, and the link is cut and blackholed through the proxy;
+nothing acknowledged may be lost, the disks must end identical and no node stuck."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from helpers import ROOT, run
+
+
+@pytest.mark.slow
+def test_short_soak_loses_nothing(tmp_path):
+    res = run(["nice", "-n", "10", os.path.join(ROOT, "tools", "soak"), "--minutes", "2",
+               "--seed", "8", "--json", "--dir", str(tmp_path)], timeout=600, check=False)
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("examples", "dir")}))
+    assert res.returncode == 0 and summary["result"] == "PASS", \
+        f"{res.stdout[-4000:]}\n{res.stderr[-3000:]}"
+    assert summary["rounds"] >= 10, summary
+    assert summary["lost"] == 0 and summary["corrupt"] == 0, summary
+    assert summary["disks_identical"] and not summary["stuck"], summary
+    assert summary["acknowledged_blocks_checked"] > 0, summary
+    kinds = summary["faults"]
+    assert sum(1 for k in ("kill-secondary", "kill-primary", "stop", "cut", "blackhole")
+               if kinds[k]) >= 4, kinds

@@ -1,0 +1,521 @@
+"""tools/soak: two blockrep nodes for N minutes under a versioned writer while faults are
+injected at random, then a check that nothing acknowledged was lost.
+
+Setup: two images, one resource (alpha dials beta through the link proxy of
+blockrep/faults/proxy.py), alpha promoted on blank disks. A writer (blockrep/faults/writer.py)
+keeps `--qd` 4 KiB writes in flight to the current Primary over NBD; every block carries its
+number and a version, and every acknowledgement is recorded. Every few seconds one fault:
+
+  kill-secondary   kill -9 of the Secondary, restarted after a pause
+  kill-primary     kill -9 of the Primary; if the Secondary was connected and UpToDate it
+                   is promoted (failover) and the old Primary later restarts as Secondary,
+                   otherwise the old Primary restarts and is promoted again
+  stop             SIGSTOP of either node for 0.5-6 s (often longer than `timeout`), SIGCONT
+  cut              both directions of the link reset, reconnects refused for 0.5-5 s
+  blackhole        the link silently stops forwarding for 1-6 s
+  disk-eio         (--disk-faults) a node's disk fails writes with EIO for 0.5-2 s, through
+                   nbdkit's error filter behind nbdfuse; off by default: blockrep has no
+                   on-io-error policy yet (issue 8), so this kind is known to lose data
+
+At the end: every fault undone, both nodes running, a Primary, the writer drained, the sync
+awaited; every block is read from the Primary and checked against the ledger (the latest
+acknowledged version or a later one that was in flight), both data areas are compared, and
+the summary printed. Exit status 1 on any lost or corrupt block, differing disks, or a node
+left stuck (not Connected/Established/UpToDate in sync, or not answering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from blockrep.faults.disk import FaultyDisk  # noqa: E402
+from blockrep.faults.proxy import LinkProxy  # noqa: E402
+from blockrep.faults.writer import BLOCK, Ledger, NbdClient, make_block  # noqa: E402
+
+PY = sys.executable
+KINDS = ("kill-secondary", "kill-primary", "stop", "cut", "blackhole")
+TIMEOUT = 3.0
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, soak: Soak, name: str):
+        self.soak, self.name = soak, name
+        self.link_port, self.nbd_port = free_port(), free_port()
+        self.image = os.path.join(soak.dir, f"{name}.img")
+        self.disk_path = self.image  # the nbdfuse file with --disk-faults
+        self.faulty: FaultyDisk | None = None
+        self.config = os.path.join(soak.dir, f"r0-{name}.toml")
+        self.log = os.path.join(soak.dir, f"{name}.log")
+        self.socket = os.path.join(soak.dir, "run", f"r0.{name}.sock")
+        self.proc: subprocess.Popen | None = None
+        self.stopped = False  # SIGSTOPped
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def start(self) -> None:
+        with open(self.log, "a") as f:
+            self.proc = subprocess.Popen([PY, "-m", "blockrep", "up", self.config, "--node",
+                                          self.name], stdout=f, stderr=subprocess.STDOUT,
+                                         cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node {self.name} did not start:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+
+    def kill9(self) -> None:
+        if self.running:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        self.stopped = False
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            self.proc.send_signal(sig)
+            self.stopped = sig == signal.SIGSTOP
+
+    def terminate(self, timeout: float = 30.0) -> bool:
+        """Clean stop; False if the node had to be killed."""
+        if not self.running:
+            return True
+        self.signal(signal.SIGCONT)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            return False
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()[-n:]
+        except FileNotFoundError:
+            return ""
+
+    async def admin(self, cmd: str = "status", timeout: float = 5.0, **args):
+        if self.stopped or not self.running:
+            raise ConnectionError(f"{self.name} is not answering (stopped or down)")
+        r, w = await asyncio.wait_for(asyncio.open_unix_connection(self.socket), timeout)
+        try:
+            w.write((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
+            reply = json.loads(await asyncio.wait_for(r.readline(), timeout) or b"{}")
+        finally:
+            w.close()
+        if not reply.get("ok"):
+            raise RuntimeError(f"{self.name}: {cmd}: {reply.get('error')}")
+        return reply["result"]
+
+    async def status(self) -> dict | None:
+        try:
+            return await self.admin()
+        except (OSError, RuntimeError, ValueError, asyncio.TimeoutError):
+            return None
+
+
+class Soak:
+    def __init__(self, args):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.dir = args.dir or tempfile.mkdtemp(prefix="blockrep-soak-")
+        os.makedirs(os.path.join(self.dir, "run"), exist_ok=True)
+        self.nodes = {n: Node(self, n) for n in ("alpha", "beta")}
+        self.kinds = list(KINDS) + (["disk-eio"] if args.disk_faults else [])
+        self.faults = collections.Counter()
+        self.notes: list[str] = []
+        self.ledger = Ledger(args.blocks)
+        self.run_id = self.rng.getrandbits(63)
+        self.primary: str | None = None
+        self.proxy: LinkProxy | None = None
+        self.writing = True
+        self.last_ack = time.monotonic()
+        self.longest_gap = 0.0
+        self.reconnects = 0
+        self.size = 0
+
+    def say(self, text: str) -> None:
+        if self.args.verbose:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    # -- setup -------------------------------------------------------------------------------
+    def write_configs(self) -> None:
+        a, b = self.nodes["alpha"], self.nodes["beta"]
+        for me in (a, b):
+            lines = ["[resource]", 'name = "r0"', 'shared-secret = "soak"',
+                     f'run-dir = "{os.path.join(self.dir, "run")}"', f"timeout = {TIMEOUT}",
+                     "ping-interval = 0.5", "connect-interval = 0.5"]
+            for n in (a, b):
+                port = self.proxy.port if (me is a and n is b) else n.link_port
+                lines += ["", f"[node.{n.name}]", f'address = "127.0.0.1:{port}"',
+                          f'disk = "{n.disk_path}"', f'nbd = "127.0.0.1:{n.nbd_port}"']
+            with open(me.config, "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+    async def setup(self) -> None:
+        size = self.args.size_mib << 20
+        for n in self.nodes.values():
+            with open(n.image, "wb") as f:
+                f.truncate(size)
+            if self.args.disk_faults:
+                n.faulty = FaultyDisk(self.dir, size, backing=n.image, name=f"{n.name}-disk")
+                n.disk_path = n.faulty.start()
+        self.proxy = LinkProxy(("127.0.0.1", self.nodes["beta"].link_port),
+                               seed=self.args.seed)
+        await self.proxy.start()
+        self.write_configs()
+        for n in self.nodes.values():
+            subprocess.run([PY, "-m", "blockrep", "create-md", n.config, "--node", n.name,
+                            "--force"], check=True, capture_output=True, cwd=ROOT)
+            await n.start()
+        a = self.nodes["alpha"]
+        await self.wait(lambda s: s["alpha"] and s["alpha"]["connection"] == "Connected",
+                        30, "first connection")
+        await a.admin("primary", force=True, skip_initial_sync=True)
+        self.primary = "alpha"
+        st = await self.wait(self.healthy, 60, "Established")
+        self.size = st["alpha"]["size_bytes"]
+        if self.args.blocks * BLOCK > self.size:
+            raise SystemExit(f"soak: --blocks {self.args.blocks} exceeds the data area")
+
+    async def statuses(self) -> dict:
+        return {n: await node.status() for n, node in self.nodes.items()}
+
+    async def wait(self, pred, timeout: float, what: str) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = await self.statuses()
+            if pred(st):
+                return st
+            if time.monotonic() > deadline:
+                self.notes.append(f"timed out after {timeout:.0f}s waiting for {what}: "
+                                  + json.dumps({n: _brief(s) for n, s in st.items()}))
+                return None
+            await asyncio.sleep(0.1)
+
+    @staticmethod
+    def healthy(st: dict) -> bool:
+        return all(s is not None and s["connection"] == "Connected" and
+                   s["replication"] == "Established" and s["disk"] == "UpToDate" and
+                   s["out_of_sync_bytes"] == 0 and
+                   s["counters"]["writes_pending_peer"] == 0 for s in st.values())
+
+    # -- the writer --------------------------------------------------------------------------
+    async def writer(self) -> None:
+        client: NbdClient | None = None
+        lock = asyncio.Lock()
+
+        async def connected() -> NbdClient | None:
+            nonlocal client
+            async with lock:
+                if client is not None and client._rx is not None and not client._rx.done():
+                    return client
+                if client is not None:
+                    client.close()
+                    client = None
+                for name in ([self.primary] if self.primary else []) + list(self.nodes):
+                    c = NbdClient()
+                    try:
+                        await c.connect("127.0.0.1", self.nodes[name].nbd_port, timeout=2.0)
+                    except (OSError, asyncio.TimeoutError, Exception):
+                        continue
+                    client = c
+                    self.reconnects += 1
+                    return client
+                return None
+
+        async def worker() -> None:
+            interval = self.args.qd / self.args.rate if self.args.rate else 0.0
+            while self.writing:
+                t0 = time.monotonic()
+                c = await connected()
+                if c is None:
+                    await asyncio.sleep(0.2)
+                    continue
+                block = self.rng.randrange(self.args.blocks)
+                while block in self.ledger.in_flight:
+                    block = self.rng.randrange(self.args.blocks)
+                version = self.ledger.next_version(block)
+                try:
+                    err = await asyncio.wait_for(
+                        c.write(block * BLOCK, make_block(self.run_id, block, version)), 120)
+                except (ConnectionError, OSError):
+                    self.ledger.abandon(block)
+                    await asyncio.sleep(0.1)
+                    continue
+                except asyncio.TimeoutError:
+                    self.ledger.abandon(block)
+                    self.notes.append(f"a write to block {block} was unanswered for 120 s")
+                    c.close()
+                    continue
+                self.ledger.done(block, version, err)
+                if not err:
+                    now = time.monotonic()
+                    self.longest_gap = max(self.longest_gap, now - self.last_ack)
+                    self.last_ack = now
+                if interval:
+                    await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
+
+        await asyncio.gather(*(worker() for _ in range(self.args.qd)))
+        if client is not None:
+            client.close()
+
+    # -- faults ------------------------------------------------------------------------------
+    def roles(self) -> tuple[Node, Node]:
+        p = self.nodes[self.primary] if self.primary else self.nodes["alpha"]
+        return p, self.nodes["beta" if p.name == "alpha" else "alpha"]
+
+    async def ensure_primary(self, timeout: float = 60.0) -> bool:
+        """A Primary exists (promote a running UpToDate node, never --force)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = await self.statuses()
+            for n, s in st.items():
+                if s and s["role"] == "Primary":
+                    self.primary = n
+                    return True
+            order = ([self.primary] if self.primary else []) + list(self.nodes)
+            for n in order:
+                s = st.get(n)
+                if s and s["disk"] == "UpToDate" and s["peer"]["role"] != "Primary":
+                    try:
+                        await self.nodes[n].admin("primary")
+                        self.primary = n
+                        return True
+                    except (RuntimeError, OSError, asyncio.TimeoutError):
+                        pass
+            await asyncio.sleep(0.2)
+        self.notes.append("no node could be promoted within 60 s")
+        return False
+
+    async def fault(self, kind: str) -> None:
+        prim, sec = self.roles()
+        r = self.rng
+        if kind == "kill-secondary":
+            sec.kill9()
+            await asyncio.sleep(r.uniform(0.5, 4))
+            await sec.start()
+        elif kind == "kill-primary":
+            s = await sec.status()
+            can_fail_over = bool(s and s["connection"] == "Connected" and
+                                 s["replication"] == "Established" and s["disk"] == "UpToDate")
+            prim.kill9()
+            self.primary = None
+            if can_fail_over:
+                await asyncio.sleep(r.uniform(0.0, 1.0))
+                if await self.ensure_primary(20):
+                    self.faults["failover"] += 1 if self.primary == sec.name else 0
+                await asyncio.sleep(r.uniform(0.5, 4))
+                await prim.start()  # reattach the old Primary, now Secondary
+            else:
+                await asyncio.sleep(r.uniform(0.5, 2))
+                await prim.start()
+                await self.ensure_primary()
+        elif kind == "stop":
+            victim = r.choice((prim, sec))
+            victim.signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(r.uniform(0.5, 6))
+            finally:
+                victim.signal(signal.SIGCONT)
+        elif kind == "cut":
+            self.proxy.refuse(True)
+            self.proxy.cut()
+            try:
+                await asyncio.sleep(r.uniform(0.5, 5))
+            finally:
+                self.proxy.refuse(False)
+        elif kind == "blackhole":
+            self.proxy.blackhole(True)
+            try:
+                await asyncio.sleep(r.uniform(1, 6))
+            finally:
+                self.proxy.blackhole(False)
+        elif kind == "disk-eio":
+            victim = r.choice((prim, sec))
+            victim.faulty.inject("pwrite")
+            try:
+                await asyncio.sleep(r.uniform(0.5, 2))
+            finally:
+                victim.faulty.heal()
+
+    async def faults_loop(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.rng.uniform(*self.args.interval))
+            # let the pair reconnect first (not necessarily finish resync), up to a bound
+            await self.wait(lambda st: all(s and s["connection"] == "Connected"
+                                           for s in st.values()), 20, "reconnection")
+            if time.monotonic() >= deadline:
+                break
+            kind = self.rng.choice(self.kinds)
+            self.say(f"fault {sum(self.faults[k] for k in self.kinds) + 1}: {kind} "
+                     f"(primary {self.primary}, acked {self.ledger.writes_acked})")
+            self.faults[kind] += 1
+            await self.fault(kind)
+
+    # -- the end -----------------------------------------------------------------------------
+    async def finish(self, writer_task: asyncio.Task) -> dict:
+        for n in self.nodes.values():
+            n.signal(signal.SIGCONT)
+            if n.faulty is not None:
+                n.faulty.heal()
+            if not n.running:
+                await n.start()
+        self.proxy.reset()
+        await self.ensure_primary()
+        await asyncio.sleep(2.0)  # acknowledged writes after the last fault
+        self.writing = False
+        try:
+            await asyncio.wait_for(writer_task, 60)
+        except asyncio.TimeoutError:
+            self.notes.append(f"writer stuck: {len(self.ledger.in_flight)} writes unanswered")
+            writer_task.cancel()
+        settled = await self.wait(self.healthy, self.args.settle, "both nodes in sync")
+        stuck = [] if settled else sorted(self.nodes)
+        result = {"blocks_checked": 0, "lost": -1, "corrupt": -1, "examples": []}
+        if self.primary:
+            result = await self.check_on_primary()
+        for n in self.nodes.values():
+            if not n.terminate():
+                stuck.append(f"{n.name} (did not stop on SIGTERM)")
+        result["differing_blocks"] = self.compare_disks()
+        result["stuck"] = stuck
+        return result
+
+    async def check_on_primary(self) -> dict:
+        c = NbdClient()
+        await c.connect("127.0.0.1", self.nodes[self.primary].nbd_port)
+        data = bytearray()
+        step = 256 * BLOCK
+        for off in range(0, self.args.blocks * BLOCK, step):
+            err, chunk = await c.read(off, min(step, self.args.blocks * BLOCK - off))
+            if err:
+                raise RuntimeError(f"read at {off} failed with NBD error {err}")
+            data += chunk
+        c.close()
+        mv = memoryview(data)
+        return self.ledger.check(lambda b: mv[b * BLOCK:(b + 1) * BLOCK], self.run_id)
+
+    def compare_disks(self) -> int:
+        import numpy as np
+        a, b = (np.memmap(n.image, dtype=np.uint8, mode="r", shape=(self.size,))
+                for n in self.nodes.values())
+        blocks = self.size // BLOCK
+        diff = np.any(a[:blocks * BLOCK].reshape(blocks, BLOCK) !=
+                      b[:blocks * BLOCK].reshape(blocks, BLOCK), axis=1)
+        return int(diff.sum())
+
+    def cleanup(self) -> None:
+        for n in self.nodes.values():
+            n.terminate(10)
+            if n.faulty is not None:
+                n.faulty.stop()
+
+    async def run(self) -> int:
+        await self.setup()
+        writer_task = asyncio.ensure_future(self.writer())
+        t0 = time.monotonic()
+        try:
+            await self.faults_loop(t0 + self.args.minutes * 60)
+            result = await self.finish(writer_task)
+        finally:
+            self.writing = False
+            writer_task.cancel()
+            self.cleanup()
+            await self.proxy.close()
+        return self.report(result, time.monotonic() - t0)
+
+    def report(self, r: dict, elapsed: float) -> int:
+        L = self.ledger
+        rounds = sum(self.faults[k] for k in self.kinds)
+        identical = r["differing_blocks"] == 0
+        bad = r["lost"] != 0 or r["corrupt"] != 0 or not identical or r["stuck"]
+        summary = {
+            "seed": self.args.seed, "minutes": round(elapsed / 60, 2), "rounds": rounds,
+            "faults": {k: self.faults[k] for k in (*self.kinds, "failover")},
+            "writes": {"sent": L.writes_sent, "acknowledged": L.writes_acked,
+                       "errors": L.write_errors, "nbd_connections": self.reconnects,
+                       "longest_gap_s": round(self.longest_gap, 2)},
+            "acknowledged_blocks_checked": r["blocks_checked"], "lost": r["lost"],
+            "corrupt": r["corrupt"], "disks_identical": identical,
+            "differing_blocks": r["differing_blocks"], "stuck": r["stuck"],
+            "examples": r["examples"], "notes": self.notes, "dir": self.dir,
+            "result": "FAIL" if bad else "PASS"}
+        if self.args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print(f"soak: seed {summary['seed']}, {summary['minutes']} min, {rounds} rounds")
+            print("faults: " + ", ".join(f"{k} {v}" for k, v in summary["faults"].items()))
+            w = summary["writes"]
+            print(f"writes: {w['sent']} sent, {w['acknowledged']} acknowledged, "
+                  f"{w['errors']} errors, {w['nbd_connections']} NBD connections, longest "
+                  f"gap without an acknowledgement {w['longest_gap_s']} s")
+            print(f"acknowledged blocks checked: {r['blocks_checked']}, lost: {r['lost']}, "
+                  f"corrupt: {r['corrupt']}")
+            print(f"disks identical: {'yes' if identical else 'no'} "
+                  f"({r['differing_blocks']} differing 4 KiB blocks)")
+            print(f"stuck nodes: {', '.join(r['stuck']) or 'none'}")
+            for line in r["examples"] + self.notes:
+                print(f"  {line}")
+            print(f"logs: {self.dir}")
+            print(f"result: {summary['result']}")
+        return 1 if bad else 0
+
+
+def _brief(s: dict | None) -> str:
+    if s is None:
+        return "not answering"
+    return (f"{s['role']}/{s['disk']}/{s['connection']}/{s['replication']} "
+            f"oos={s['out_of_sync_bytes']} peer={s['peer']['role']}/{s['peer']['disk']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/soak", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    ap.add_argument("--size-mib", type=int, default=64, help="each node's image")
+    ap.add_argument("--blocks", type=int, default=4096, help="4 KiB blocks the writer uses")
+    ap.add_argument("--qd", type=int, default=4, help="writes in flight")
+    ap.add_argument("--rate", type=float, default=400, help="writes per second cap (0: none)")
+    ap.add_argument("--interval", type=float, nargs=2, default=(1.0, 4.0),
+                    metavar=("MIN", "MAX"), help="seconds between faults")
+    ap.add_argument("--settle", type=float, default=120, help="seconds allowed for the "
+                    "final sync before a node counts as stuck")
+    ap.add_argument("--disk-faults", action="store_true", help="also inject disk EIO "
+                    "(nbdkit error filter + nbdfuse; needs root and FUSE)")
+    ap.add_argument("--dir", help="work directory (default: a new temporary one)")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every fault")
+    args = ap.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1 << 32)
+    import uvloop
+    return uvloop.run(Soak(args).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
