@@ -8,8 +8,8 @@ Per direction (`fwd`: client -> target, `rev`: target -> client) it applies the 
 - `refuse`: new connections are reset at once (with `cut`: a lasting partition);
 - `blackhole`: sockets stay open and nothing is forwarded in either direction (bytes are held,
   as TCP would retransmit them, or dropped with drop=True); new connections are held too;
-- `flip`: XOR one byte (the middle of the next chunk of at least `min_chunk` bytes) in a
-  direction, `count` times: corruption that TCP's checksum missed.
+- `flip`: XOR one byte (the middle, or byte `at`, of the next chunk of at least `min_chunk`
+  bytes) in a direction, `count` times: corruption that TCP's checksum missed.
 
 Three ways to drive it: `LinkProxy` in an asyncio program, `ProxyThread` from synchronous
 code (its own loop in a thread), and the command line with a control socket:
@@ -148,6 +148,8 @@ class _Conn:
         finally:
             for t in tasks:
                 t.cancel()
+            # reap them: a pending task destroyed later logs from inside the GC
+            await asyncio.gather(*tasks, return_exceptions=True)
             if clean:
                 for w in (self.cwriter, self.uwriter):
                     w.close()
@@ -167,7 +169,7 @@ class LinkProxy:
         self.rng = random.Random(seed)
         self.buffer_bytes = buffer_bytes
         self.shapes = {d: Shape() for d in DIRECTIONS}
-        self.flips = {d: [0, 1] for d in DIRECTIONS}  # remaining count, min chunk
+        self.flips = {d: [0, 1, None] for d in DIRECTIONS}  # remaining, min chunk, position
         self.refusing = False
         self.drop = False
         self.flowing: asyncio.Event | None = None
@@ -191,9 +193,11 @@ class LinkProxy:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        mains = [c.main for c in self.conns if c.main is not None]
         for c in list(self.conns):
             c.abort()
         self.flowing.set()
+        await asyncio.gather(*mains, return_exceptions=True)
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -213,7 +217,7 @@ class LinkProxy:
             return data
         armed[0] -= 1
         buf = bytearray(data)
-        pos = len(buf) // 2
+        pos = len(buf) // 2 if armed[2] is None else min(armed[2], len(buf) - 1)
         buf[pos] ^= 0xFF
         self.counts["flipped"] += 1
         self.flipped.append({"direction": direction, "chunk_bytes": len(buf), "at": pos,
@@ -256,15 +260,19 @@ class LinkProxy:
             self.flowing.set()
         return bool(on)
 
-    def flip(self, direction: str = FWD, count: int = 1, min_chunk: int = 1) -> dict:
+    def flip(self, direction: str = FWD, count: int = 1, min_chunk: int = 1,
+             at: int | None = None) -> dict:
+        """XOR 0xFF into one byte of each of the next `count` chunks of at least `min_chunk`
+        bytes: the byte at `at` in the chunk, or its middle byte."""
         for d in _directions(direction):
-            self.flips[d] = [int(count), max(1, int(min_chunk))]
+            self.flips[d] = [int(count), max(1, int(min_chunk)), None if at is None
+                             else max(0, int(at))]
         return {d: self.flips[d][0] for d in DIRECTIONS}
 
     def reset(self) -> None:
         """Back to a clean, unshaped link (connections are kept)."""
         self.shapes = {d: Shape() for d in DIRECTIONS}
-        self.flips = {d: [0, 1] for d in DIRECTIONS}
+        self.flips = {d: [0, 1, None] for d in DIRECTIONS}
         self.refusing = False
         self.blackhole(False)
 
@@ -355,7 +363,13 @@ class ProxyThread:
     def close(self) -> None:
         if self.loop.is_closed():
             return
-        self._run(self.proxy.close())
+        async def shutdown():
+            await self.proxy.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        self._run(shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()

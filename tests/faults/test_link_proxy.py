@@ -274,3 +274,14 @@ def test_command_line_control_socket_and_signals(echo, tmp_path):
         proc.wait(10)
     assert proc.returncode == 0
     assert not os.path.exists(sock)
+
+
+def test_flip_at_a_chosen_position(proxy):
+    proxy.flip(direction="rev", count=2, at=3)
+    with connect(proxy) as s:
+        s.sendall(b"abcdefgh")
+        got = recv_n(s, 8)
+        s.sendall(b"xy")  # shorter than `at`: its last byte
+        got2 = recv_n(s, 2)
+    assert got == b"abc" + bytes([ord("d") ^ 0xFF]) + b"efgh"
+    assert got2 == b"x" + bytes([ord("y") ^ 0xFF])
