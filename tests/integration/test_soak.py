@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from helpers import ROOT, run
+from support.helpers import ROOT, run
 
 
 @pytest.mark.slow
