@@ -7,9 +7,10 @@ keeps `--qd` 4 KiB writes in flight to the current Primary over NBD; every block
 number and a version, and every acknowledgement is recorded. Every few seconds one fault:
 
   kill-secondary   kill -9 of the Secondary, restarted after a pause
-  kill-primary     kill -9 of the Primary; if the Secondary was connected and UpToDate it
-                   is promoted (failover) and the old Primary later restarts as Secondary,
-                   otherwise the old Primary restarts and is promoted again
+  kill-primary     SIGSTOP, then kill -9 of the Primary; if the Secondary was still
+                   Connected, Established and UpToDate it is promoted (failover) and the
+                   old Primary later restarts as Secondary, otherwise the old Primary
+                   restarts and is promoted again
   stop             SIGSTOP of either node for 0.5-6 s (often longer than `timeout`), SIGCONT
   cut              both directions of the link reset, reconnects refused for 0.5-5 s
   blackhole        the link silently stops forwarding for 1-6 s
@@ -17,8 +18,9 @@ number and a version, and every acknowledgement is recorded. Every few seconds o
                    nbdkit's error filter behind nbdfuse; off by default: blockrep has no
                    on-io-error policy yet (issue 8), so this kind is known to lose data
 
-At the end: every fault undone, both nodes running, a Primary, the writer drained, the sync
-awaited; every block is read from the Primary and checked against the ledger (the latest
+With --fio, fio verify=crc32c jobs run back to back beside the writer on the region after
+its blocks. At the end: every fault undone, both nodes running, a Primary, the writer
+drained, the sync awaited; every block is read from the Primary and checked against the ledger (the latest
 acknowledged version or a later one that was in flight), both data areas are compared, and
 the summary printed. Exit status 1 on any lost or corrupt block, differing disks, or a node
 left stuck (not Connected/Established/UpToDate in sync, or not answering).
@@ -42,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from blockrep.faults.disk import FaultyDisk  # noqa: E402
+from blockrep.faults.node import NodeProcess  # noqa: E402
 from blockrep.faults.proxy import LinkProxy  # noqa: E402
 from blockrep.faults.writer import BLOCK, Ledger, NbdClient, make_block  # noqa: E402
 
@@ -50,113 +53,29 @@ KINDS = ("kill-secondary", "kill-primary", "stop", "cut", "blackhole")
 TIMEOUT = 3.0
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Node:
-    def __init__(self, soak: Soak, name: str):
-        self.soak, self.name = soak, name
-        self.link_port, self.nbd_port = free_port(), free_port()
-        self.image = os.path.join(soak.dir, f"{name}.img")
-        self.disk_path = self.image  # the nbdfuse file with --disk-faults
-        self.faulty: FaultyDisk | None = None
-        self.config = os.path.join(soak.dir, f"r0-{name}.toml")
-        self.log = os.path.join(soak.dir, f"{name}.log")
-        self.socket = os.path.join(soak.dir, "run", f"r0.{name}.sock")
-        self.proc: subprocess.Popen | None = None
-        self.stopped = False  # SIGSTOPped
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    async def start(self) -> None:
-        with open(self.log, "a") as f:
-            self.proc = subprocess.Popen([PY, "-m", "blockrep", "up", self.config, "--node",
-                                          self.name], stdout=f, stderr=subprocess.STDOUT,
-                                         cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node {self.name} did not start:\n{self.tail()}")
-            await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        if self.running:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        self.stopped = False
-        if os.path.exists(self.socket):
-            os.unlink(self.socket)
-
-    def signal(self, sig: int) -> None:
-        if self.running:
-            self.proc.send_signal(sig)
-            self.stopped = sig == signal.SIGSTOP
-
-    def terminate(self, timeout: float = 30.0) -> bool:
-        """Clean stop; False if the node had to be killed."""
-        if not self.running:
-            return True
-        self.signal(signal.SIGCONT)
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            self.kill9()
-            return False
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()[-n:]
-        except FileNotFoundError:
-            return ""
-
-    async def admin(self, cmd: str = "status", timeout: float = 5.0, **args):
-        if self.stopped or not self.running:
-            raise ConnectionError(f"{self.name} is not answering (stopped or down)")
-        r, w = await asyncio.wait_for(asyncio.open_unix_connection(self.socket), timeout)
-        try:
-            w.write((json.dumps({"cmd": cmd, "args": args}) + "\n").encode())
-            reply = json.loads(await asyncio.wait_for(r.readline(), timeout) or b"{}")
-        finally:
-            w.close()
-        if not reply.get("ok"):
-            raise RuntimeError(f"{self.name}: {cmd}: {reply.get('error')}")
-        return reply["result"]
-
-    async def status(self) -> dict | None:
-        try:
-            return await self.admin()
-        except (OSError, RuntimeError, ValueError, asyncio.TimeoutError):
-            return None
-
-
 class Soak:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
         self.dir = args.dir or tempfile.mkdtemp(prefix="blockrep-soak-")
         os.makedirs(os.path.join(self.dir, "run"), exist_ok=True)
-        self.nodes = {n: Node(self, n) for n in ("alpha", "beta")}
+        self.nodes = {n: NodeProcess(self.dir, n, PY, ROOT) for n in ("alpha", "beta")}
         self.kinds = list(KINDS) + (["disk-eio"] if args.disk_faults else [])
         self.faults = collections.Counter()
         self.notes: list[str] = []
         self.ledger = Ledger(args.blocks)
         self.run_id = self.rng.getrandbits(63)
         self.primary: str | None = None
+        self.last_primary = "alpha"  # holds every acknowledged write
         self.proxy: LinkProxy | None = None
         self.writing = True
         self.last_ack = time.monotonic()
         self.longest_gap = 0.0
         self.reconnects = 0
         self.size = 0
+        self.client_epoch = 0  # bumped by faults that may fail a client's requests
+        self.fio = collections.Counter()
+        self.fio_proc: asyncio.subprocess.Process | None = None
 
     def say(self, text: str) -> None:
         if self.args.verbose:
@@ -284,32 +203,69 @@ class Soak:
         if client is not None:
             client.close()
 
+    # -- fio verify beside the writer --------------------------------------------------------
+    async def fio_loop(self) -> None:
+        """Back-to-back fio jobs (4 KiB random writes, then verify=crc32c) on a region after
+        the writer's blocks, against the current Primary. A job that fails while no fault
+        could break its connection (kill -9 of the Primary, failover, disk EIO) is a
+        verify failure."""
+        off = self.args.blocks * BLOCK
+        size = min(8 << 20, (self.size - off) // BLOCK * BLOCK)
+        jobdir = os.path.join(self.dir, "fio")
+        os.makedirs(jobdir, exist_ok=True)
+        while self.writing and size >= BLOCK:
+            if self.primary is None:
+                await asyncio.sleep(0.2)
+                continue
+            epoch, port = self.client_epoch, self.nodes[self.primary].nbd_port
+            self.fio["runs"] += 1
+            proc = await asyncio.create_subprocess_exec(
+                "fio", f"--name=soak{self.fio['runs']}", "--ioengine=nbd",
+                f"--uri=nbd://127.0.0.1:{port}/", "--rw=randwrite", "--bs=4k",
+                "--iodepth=4", f"--offset={off}", f"--size={size}", "--verify=crc32c",
+                "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+                f"--randseed={self.rng.getrandbits(31)}", cwd=jobdir,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            self.fio_proc = proc
+            out, _ = await proc.communicate()
+            self.fio_proc = None
+            if proc.returncode == 0:
+                self.fio["verified"] += 1
+            elif epoch != self.client_epoch or not self.writing:
+                self.fio["interrupted"] += 1
+                await asyncio.sleep(0.5)
+            else:
+                self.fio["failed"] += 1
+                self.notes.append(f"fio job {self.fio['runs']} failed: "
+                                  f"{out.decode(errors='replace')[-800:]}")
+                await asyncio.sleep(0.5)
+
     # -- faults ------------------------------------------------------------------------------
-    def roles(self) -> tuple[Node, Node]:
-        p = self.nodes[self.primary] if self.primary else self.nodes["alpha"]
+    def roles(self) -> tuple[NodeProcess, NodeProcess]:
+        p = self.nodes[self.primary or self.last_primary]
         return p, self.nodes["beta" if p.name == "alpha" else "alpha"]
 
-    async def ensure_primary(self, timeout: float = 60.0) -> bool:
-        """A Primary exists (promote a running UpToDate node, never --force)."""
+    async def ensure_primary(self, candidate: str, timeout: float = 60.0) -> bool:
+        """Make `candidate` Primary (never --force). Only a node known to hold every
+        acknowledged write is a candidate: the last Primary, or a Secondary that was
+        Connected, Established and UpToDate when the Primary died. Promoting any UpToDate
+        node would be the operator error that fencing exists for, not a blockrep fault."""
         deadline = time.monotonic() + timeout
+        node = self.nodes[candidate]
         while time.monotonic() < deadline:
-            st = await self.statuses()
-            for n, s in st.items():
-                if s and s["role"] == "Primary":
-                    self.primary = n
+            s = await node.status()
+            if s and s["role"] == "Primary":
+                self.primary = self.last_primary = candidate
+                return True
+            if s and s["disk"] == "UpToDate" and s["peer"]["role"] != "Primary":
+                try:
+                    await node.admin("primary")
+                    self.primary = self.last_primary = candidate
                     return True
-            order = ([self.primary] if self.primary else []) + list(self.nodes)
-            for n in order:
-                s = st.get(n)
-                if s and s["disk"] == "UpToDate" and s["peer"]["role"] != "Primary":
-                    try:
-                        await self.nodes[n].admin("primary")
-                        self.primary = n
-                        return True
-                    except (RuntimeError, OSError, asyncio.TimeoutError):
-                        pass
+                except (RuntimeError, OSError, asyncio.TimeoutError):
+                    pass
             await asyncio.sleep(0.2)
-        self.notes.append("no node could be promoted within 60 s")
+        self.notes.append(f"{candidate} could not be promoted within {timeout:.0f} s")
         return False
 
     async def fault(self, kind: str) -> None:
@@ -320,21 +276,28 @@ class Soak:
             await asyncio.sleep(r.uniform(0.5, 4))
             await sec.start()
         elif kind == "kill-primary":
+            # freeze the Primary first: nothing it acknowledges from here on, so a Secondary
+            # that is still Established and UpToDate now holds every acknowledged write
+            prim.signal(signal.SIGSTOP)
+            await asyncio.sleep(0.2)
             s = await sec.status()
             can_fail_over = bool(s and s["connection"] == "Connected" and
                                  s["replication"] == "Established" and s["disk"] == "UpToDate")
             prim.kill9()
+            self.client_epoch += 1
             self.primary = None
             if can_fail_over:
                 await asyncio.sleep(r.uniform(0.0, 1.0))
-                if await self.ensure_primary(20):
-                    self.faults["failover"] += 1 if self.primary == sec.name else 0
+                failed_over = await self.ensure_primary(sec.name, 20)
+                self.faults["failover"] += failed_over
                 await asyncio.sleep(r.uniform(0.5, 4))
                 await prim.start()  # reattach the old Primary, now Secondary
+                if not failed_over:
+                    await self.ensure_primary(prim.name)
             else:
                 await asyncio.sleep(r.uniform(0.5, 2))
                 await prim.start()
-                await self.ensure_primary()
+                await self.ensure_primary(prim.name)
         elif kind == "stop":
             victim = r.choice((prim, sec))
             victim.signal(signal.SIGSTOP)
@@ -357,11 +320,13 @@ class Soak:
                 self.proxy.blackhole(False)
         elif kind == "disk-eio":
             victim = r.choice((prim, sec))
+            self.client_epoch += victim is prim
             victim.faulty.inject("pwrite")
             try:
                 await asyncio.sleep(r.uniform(0.5, 2))
             finally:
                 victim.faulty.heal()
+                self.client_epoch += victim is prim
 
     async def faults_loop(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -386,13 +351,16 @@ class Soak:
             if not n.running:
                 await n.start()
         self.proxy.reset()
-        await self.ensure_primary()
+        await self.ensure_primary(self.primary or self.last_primary)
         await asyncio.sleep(2.0)  # acknowledged writes after the last fault
         self.writing = False
         try:
-            await asyncio.wait_for(writer_task, 60)
+            await asyncio.wait_for(asyncio.shield(writer_task), 90)
         except asyncio.TimeoutError:
-            self.notes.append(f"writer stuck: {len(self.ledger.in_flight)} writes unanswered")
+            self.notes.append(f"writer stuck: {len(self.ledger.in_flight)} writes unanswered"
+                              + (", a fio job unfinished" if self.fio_proc else ""))
+            if self.fio_proc is not None:
+                self.fio_proc.kill()
             writer_task.cancel()
         settled = await self.wait(self.healthy, self.args.settle, "both nodes in sync")
         stuck = [] if settled else sorted(self.nodes)
@@ -438,6 +406,8 @@ class Soak:
     async def run(self) -> int:
         await self.setup()
         writer_task = asyncio.ensure_future(self.writer())
+        if self.args.fio:
+            writer_task = asyncio.ensure_future(asyncio.gather(writer_task, self.fio_loop()))
         t0 = time.monotonic()
         try:
             await self.faults_loop(t0 + self.args.minutes * 60)
@@ -453,13 +423,15 @@ class Soak:
         L = self.ledger
         rounds = sum(self.faults[k] for k in self.kinds)
         identical = r["differing_blocks"] == 0
-        bad = r["lost"] != 0 or r["corrupt"] != 0 or not identical or r["stuck"]
+        bad = r["lost"] != 0 or r["corrupt"] != 0 or not identical or r["stuck"] or \
+            self.fio["failed"]
         summary = {
             "seed": self.args.seed, "minutes": round(elapsed / 60, 2), "rounds": rounds,
             "faults": {k: self.faults[k] for k in (*self.kinds, "failover")},
             "writes": {"sent": L.writes_sent, "acknowledged": L.writes_acked,
                        "errors": L.write_errors, "nbd_connections": self.reconnects,
                        "longest_gap_s": round(self.longest_gap, 2)},
+            "fio": {k: self.fio[k] for k in ("runs", "verified", "interrupted", "failed")},
             "acknowledged_blocks_checked": r["blocks_checked"], "lost": r["lost"],
             "corrupt": r["corrupt"], "disks_identical": identical,
             "differing_blocks": r["differing_blocks"], "stuck": r["stuck"],
@@ -474,6 +446,10 @@ class Soak:
             print(f"writes: {w['sent']} sent, {w['acknowledged']} acknowledged, "
                   f"{w['errors']} errors, {w['nbd_connections']} NBD connections, longest "
                   f"gap without an acknowledgement {w['longest_gap_s']} s")
+            if self.args.fio:
+                f = summary["fio"]
+                print(f"fio verify jobs: {f['runs']} run, {f['verified']} verified, "
+                      f"{f['interrupted']} interrupted by a Primary fault, {f['failed']} failed")
             print(f"acknowledged blocks checked: {r['blocks_checked']}, lost: {r['lost']}, "
                   f"corrupt: {r['corrupt']}")
             print(f"disks identical: {'yes' if identical else 'no'} "
@@ -507,6 +483,8 @@ def main(argv=None) -> int:
                     "final sync before a node counts as stuck")
     ap.add_argument("--disk-faults", action="store_true", help="also inject disk EIO "
                     "(nbdkit error filter + nbdfuse; needs root and FUSE)")
+    ap.add_argument("--fio", action="store_true", help="also run fio verify=crc32c jobs "
+                    "back to back on a region after the writer's blocks")
     ap.add_argument("--dir", help="work directory (default: a new temporary one)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every fault")
