@@ -41,10 +41,12 @@ _CODE_EXIT = {"usage": EXIT_USAGE, "config": EXIT_CONFIG, "permission-denied": E
 class CliError(SystemExit):
     """A failure the CLI reports in one line (or one JSON object) and exits with."""
 
-    def __init__(self, message: str, status: int = EXIT_ERROR, code: str = "error"):
+    def __init__(self, message: str, status: int = EXIT_ERROR, code: str = "error",
+                 prog: str = "blockrep"):
         super().__init__(status)
         self.message = message
         self.kind = code
+        self.prog = prog  # the one line reads "PROG: MESSAGE"
 
     def __str__(self) -> str:
         return self.message
@@ -91,8 +93,10 @@ def cmd_serve(args) -> int:
     try:
         return uvloop.run(_serve(args))
     except (OSError, ValueError) as exc:
-        print(f"blockrep serve: {exc}", file=sys.stderr)
-        return 1
+        from .config import ConfigError
+        if isinstance(exc, ConfigError):
+            raise CliError(str(exc), EXIT_USAGE, "usage", prog="blockrep serve") from None
+        raise CliError(str(exc), prog="blockrep serve") from None
 
 
 # -- replicated resources -----------------------------------------------------------------------
@@ -181,16 +185,17 @@ def cmd_up(args) -> int:
             try:
                 store = open_store(cfg, node)
             except MetaError as exc:
-                raise CliError(f"up: {exc}", EXIT_METADATA, "metadata") from None
+                raise CliError(str(exc), EXIT_METADATA, "metadata", prog="blockrep up") from None
         await Node(cfg, node.name, store=store).run()
 
     from .shell.admin import AdminError
     try:
         uvloop.run(run())
     except AdminError as exc:
-        raise CliError(f"up: {exc}", _CODE_EXIT.get(exc.code, EXIT_ERROR), exc.code) from None
+        raise CliError(str(exc), _CODE_EXIT.get(exc.code, EXIT_ERROR), exc.code,
+                       prog="blockrep up") from None
     except (OSError, ValueError) as exc:
-        raise CliError(f"up: {exc}") from None
+        raise CliError(str(exc), prog="blockrep up") from None
     return 0
 
 
@@ -272,7 +277,12 @@ def cmd_wait_sync(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(args)
+    try:
+        return run_demo(args)
+    except SystemExit as exc:
+        if isinstance(exc, CliError) or not isinstance(exc.code, str):
+            raise
+        raise CliError(exc.code.removeprefix("blockrep demo: "), prog="blockrep demo") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
     s.add_argument("--direct", action="store_true", help="open the disk with O_DIRECT")
     s.add_argument("--port-file", help="write the bound TCP port here (for scripts)")
+    s.add_argument("--json", action="store_true", help="errors as JSON on stdout")
     s.set_defaults(func=cmd_serve)
 
     def res_cmd(name, helptext, func):
@@ -344,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nbd-port", type=int, default=10809, help="NBD port of the primary")
     d.add_argument("--duration", type=float, default=0,
                    help="stop after this many seconds (default: run until Ctrl-C)")
+    d.add_argument("--json", action="store_true", help="errors as JSON on stdout")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -354,7 +366,8 @@ def cmd_create_md(args) -> int:
     try:
         _print_result(args, create_md(cfg, node, force=args.force))
     except MetaError as exc:
-        raise CliError(f"create-md: {exc}", EXIT_METADATA, "metadata") from None
+        raise CliError(str(exc), EXIT_METADATA, "metadata", prog="blockrep create-md") \
+            from None
     return EXIT_OK
 
 
@@ -364,7 +377,8 @@ def cmd_dump_md(args) -> int:
     try:
         _print_result(args, dump_md(cfg, node))
     except MetaError as exc:
-        raise CliError(f"dump-md: {exc}", EXIT_METADATA, "metadata") from None
+        raise CliError(str(exc), EXIT_METADATA, "metadata", prog="blockrep dump-md") \
+            from None
     return EXIT_OK
 
 
@@ -380,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"ok": False, "error": exc.message, "code": exc.kind,
                                   "exit": exc.code}))
             else:
-                print(f"blockrep: {exc.message}", file=sys.stderr)
+                print(f"{exc.prog}: {exc.message}", file=sys.stderr)
             return exc.code
         finally:
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
