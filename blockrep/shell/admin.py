@@ -207,6 +207,8 @@ class AdminServer:
                     if fn is None:
                         raise AdminError(f"unknown command {cmd!r}", "usage")
                     result = fn(node, **req.get("args", {}))
+                    if asyncio.iscoroutine(result):  # a command that waits for something
+                        result = await result
                     reply = {"ok": True, "result": result}
                 except AdminError as exc:
                     reply = {"ok": False, "error": str(exc), "code": exc.code}
