@@ -155,11 +155,17 @@ class Bitmap:
 
     @classmethod
     def from_rle(cls, size_bytes: int, rle: list[int]) -> "Bitmap":
+        """ValueError for anything but a flat list of (start, count) integer pairs
+        inside the bitmap (the list comes from the peer)."""
         bm = cls(size_bytes)
+        if not isinstance(rle, (list, tuple)):
+            raise ValueError(f"bitmap run list is a {type(rle).__name__}, not a list")
         if len(rle) % 2:
             raise ValueError("bitmap run list has an odd length")
         for i in range(0, len(rle), 2):
-            s, n = int(rle[i]), int(rle[i + 1])
+            s, n = rle[i], rle[i + 1]
+            if type(s) is not int or type(n) is not int:
+                raise ValueError(f"bitmap run {s!r:.20}+{n!r:.20} is not a pair of integers")
             if s < 0 or n <= 0 or s + n > bm.nbits:
                 raise ValueError(f"bitmap run {s}+{n} outside {bm.nbits} bits")
             bm._apply(s, s + n, True)

@@ -112,13 +112,20 @@ def _check_keys(table: dict, allowed: dict, where: str) -> None:
 def load(path: str) -> ResourceConfig:
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return loads(data, path)
+
+
+def loads(data: bytes, path: str = "<config>") -> ResourceConfig:
+    """The text of a configuration file -> ResourceConfig (or one ConfigError)."""
+    try:
+        raw = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(raw, path)
 
 

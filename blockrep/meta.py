@@ -137,6 +137,27 @@ class Superblock:
                    node=node.rstrip(b"\0").decode(errors="replace"))
 
 
+def decode_al(raw: bytes) -> tuple[int, list[int]]:
+    """The activity-log area -> (seq, extents) of its newest valid transaction (0, [] if
+    none); slots that are torn, foreign or short are skipped."""
+    best_seq, best = 0, []
+    for i in range(AL_SLOTS):
+        slot = raw[i * AL_SLOT:(i + 1) * AL_SLOT]
+        if len(slot) < AL_SLOT:
+            break
+        magic, seq, count, _ = _AL_HDR.unpack_from(slot)
+        if magic != AL_MAGIC or count > AL_MAX_PER_SLOT:
+            continue
+        end = _AL_HDR.size + 4 * count
+        (crc,) = struct.unpack_from("<I", slot, AL_SLOT - 4)
+        if native.crc32c(slot[:end]) != crc:
+            continue  # torn transaction: it never committed
+        if seq > best_seq:
+            best_seq = seq
+            best = list(struct.unpack_from(f"<{count}I", slot, _AL_HDR.size))
+    return best_seq, best
+
+
 def _md_target(cfg, node):
     """-> (disk, md_fd, md_offset, data_size, md_size, where, owns_fd)."""
     internal = node.meta_disk == "internal"
@@ -331,21 +352,7 @@ class MetaStore:
 
     # -- activity log ------------------------------------------------------------------------
     def _read_al(self) -> tuple[int, list[int]]:
-        raw = os.pread(self.fd, AL_SLOTS * AL_SLOT, self.al_off)
-        best_seq, best = 0, []
-        for i in range(AL_SLOTS):
-            slot = raw[i * AL_SLOT:(i + 1) * AL_SLOT]
-            magic, seq, count, _ = _AL_HDR.unpack_from(slot)
-            if magic != AL_MAGIC or count > AL_MAX_PER_SLOT:
-                continue
-            end = _AL_HDR.size + 4 * count
-            (crc,) = struct.unpack_from("<I", slot, AL_SLOT - 4)
-            if native.crc32c(slot[:end]) != crc:
-                continue  # torn transaction: it never committed
-            if seq > best_seq:
-                best_seq = seq
-                best = list(struct.unpack_from(f"<{count}I", slot, _AL_HDR.size))
-        return best_seq, best
+        return decode_al(os.pread(self.fd, AL_SLOTS * AL_SLOT, self.al_off))
 
     def _write_al(self) -> None:
         exts = list(self.al.keys())[:AL_MAX_PER_SLOT]

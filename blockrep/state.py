@@ -67,8 +67,17 @@ class Generation:
 
     @classmethod
     def from_wire(cls, v) -> "Generation":
+        """[current, bitmap, [history...]] from the peer; ValueError unless every field
+        is an unsigned 64-bit integer (what the superblock stores)."""
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or \
+                not isinstance(v[2], (list, tuple)):
+            raise ValueError(f"generation is not [current, bitmap, [history]]: {v!r:.80}")
         cur, bm, hist = v
-        return cls(int(cur), int(bm), [int(h) for h in hist][:HISTORY_LEN])
+        for x in (cur, bm, *hist):
+            if type(x) is not int or not 0 <= x < 1 << 64:
+                raise ValueError(f"generation field {x!r:.40} is not a 64-bit unsigned "
+                                 f"integer")
+        return cls(cur, bm, list(hist)[:HISTORY_LEN])
 
     def start_new_data(self) -> None:
         """A primary writes without its peer: keep `current` as the bitmap's base."""

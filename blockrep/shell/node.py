@@ -25,7 +25,7 @@ from ..bitmap import Bitmap
 from ..config import ResourceConfig
 from ..disk import Disk
 from ..nbd.handshake import make_export
-from ..peer import proto
+from ..peer import messages, proto
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role, Strategy
 from .admin import AdminServer
@@ -276,13 +276,11 @@ class Node:
             old.abort("replaced by a new connection")
             self.on_link_lost(old, "replaced by a new connection")
         try:
-            peer_role = Role(body["role"])
-            peer_disk = DiskState(body["disk"])
-            peer_gen = st.Generation.from_wire(body["gen"])
-            peer_bits = Bitmap.from_rle(self.size, body.get("bitmap", []))
-        except (KeyError, ValueError, TypeError) as exc:
-            link.refuse(f"malformed state from the peer: {exc}")
+            ps = messages.peer_state(body, self.size)
+        except proto.LinkProtocolError as exc:
+            link.refuse(str(exc))
             return
+        peer_role, peer_disk, peer_gen, peer_bits = ps.role, ps.disk, ps.gen, ps.bitmap
         self.link = link
         self.set_connection(ConnState.CONNECTED)
         self.peer_role, self.peer_disk = peer_role, peer_disk
@@ -427,30 +425,26 @@ class Node:
 
     def _on_control(self, link, flags, pid, offset, size, crc, payload):
         body = proto.decode_control(payload)
-        op = body.get("op")
+        op = messages.control_op(body)
         handler = _CONTROL_OPS.get(op)
         if handler is None:
             raise proto.LinkProtocolError(f"unknown control operation {op!r}")
         handler(self, link, body)
 
     def _ctl_state(self, link, body):
-        try:
-            self.peer_role = Role(body["role"])
-            self.peer_disk = DiskState(body["disk"])
-        except (KeyError, ValueError) as exc:
-            raise proto.LinkProtocolError(f"bad state update: {exc}") from None
+        self.peer_role, self.peer_disk = messages.state_update(body)
         self.emit("peer-state", role=self.peer_role.value, disk=self.peer_disk.value)
 
     def _ctl_sync_start(self, link, body):
         if self.resync_target is not None:
-            self.resync_target.progress.total = int(body.get("total", 0))
-            self.resync_target.csum = bool(body.get("csum"))
+            self.resync_target.progress.total, self.resync_target.csum = \
+                messages.sync_start(body)
 
     def _ctl_sync_done(self, link, body):
         if self.resync_target is None:
             raise proto.LinkProtocolError("sync-done while not sync target")
         progress = self.resync_target.progress
-        self.gen.adopt(st.Generation.from_wire(body["gen"]))
+        self.gen.adopt(messages.sync_done(body))
         self.bitmap.clear_all()
         self.resync_target = None
         self.set_replication(ReplState.ESTABLISHED)
