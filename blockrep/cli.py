@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -186,6 +187,8 @@ def cmd_up(args) -> int:
                 store = open_store(cfg, node)
             except MetaError as exc:
                 raise CliError(str(exc), EXIT_METADATA, "metadata", prog="blockrep up") from None
+            except (OSError, ValueError) as exc:  # the disk or metadata file: missing, in use
+                raise _disk_error("up", exc) from None
         await Node(cfg, node.name, store=store).run()
 
     from .shell.admin import AdminError
@@ -360,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _disk_error(cmd: str, exc: Exception) -> CliError:
+    """A disk that cannot be used (DiskError is one line); in use -> EXIT_METADATA."""
+    if isinstance(exc, OSError) and exc.errno == errno.EBUSY:
+        return CliError(str(exc), EXIT_METADATA, "in-use", prog=f"blockrep {cmd}")
+    return CliError(str(exc), prog=f"blockrep {cmd}")
+
+
 def cmd_create_md(args) -> int:
     from .meta import MetaError, create_md
     cfg, node = _load_cfg(args)
@@ -368,6 +378,8 @@ def cmd_create_md(args) -> int:
     except MetaError as exc:
         raise CliError(str(exc), EXIT_METADATA, "metadata", prog="blockrep create-md") \
             from None
+    except (OSError, ValueError) as exc:  # the disk or metadata file: missing, in use
+        raise _disk_error("create-md", exc) from None
     return EXIT_OK
 
 
@@ -379,6 +391,8 @@ def cmd_dump_md(args) -> int:
     except MetaError as exc:
         raise CliError(str(exc), EXIT_METADATA, "metadata", prog="blockrep dump-md") \
             from None
+    except (OSError, ValueError) as exc:  # the disk or metadata file: missing, in use
+        raise _disk_error("dump-md", exc) from None
     return EXIT_OK
 
 

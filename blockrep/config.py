@@ -7,6 +7,7 @@ Must not: open disks or sockets.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -100,6 +101,65 @@ def parse_address(text, what: str, *, default_port: int | None = None,
     return host, p
 
 
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def _host_key(host: str) -> str:
+    h = host.lower()
+    if h == "localhost":
+        return "127.0.0.1"
+    try:
+        return ipaddress.ip_address(h).compressed
+    except ValueError:
+        return h
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(_host_key(host)).is_loopback
+    except ValueError:
+        return False
+
+
+def _overlap(h1: str, h2: str) -> bool:
+    """Would binding both (same port) clash on one machine?"""
+    k1, k2 = _host_key(h1), _host_key(h2)
+    return k1 == k2 or k1 in WILDCARD_HOSTS or k2 in WILDCARD_HOSTS
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"{host}:{addr[1]}"
+
+
+def _check_clashes(path: str, a: "NodeConfig", b: "NodeConfig") -> None:
+    """Listening addresses that cannot all be bound: a node's NBD address on its own
+    replication port; when both nodes run on one machine (their replication hosts are the
+    same, or both loopback), any address of one that the other also binds; and one routable
+    address used by both nodes."""
+    for n in (a, b):
+        if n.nbd[1] == n.address[1] and _overlap(n.nbd[0], n.address[0]):
+            raise ConfigError(f"{path}: node.{n.name}: nbd address {_fmt(n.nbd)} clashes with "
+                              f"its replication address {_fmt(n.address)}; use another port")
+    ka, kb = _host_key(a.address[0]), _host_key(b.address[0])
+    one_host = ka == kb or (_is_loopback(ka) and _is_loopback(kb))
+    for what_a, ea in (("replication", a.address), ("nbd", a.nbd)):
+        for what_b, eb in (("replication", b.address), ("nbd", b.nbd)):
+            if ea[1] != eb[1]:
+                continue
+            if one_host:
+                clash = _overlap(ea[0], eb[0])
+            else:  # two machines: only the very same routable address clashes
+                k = _host_key(ea[0])
+                clash = k == _host_key(eb[0]) and k not in WILDCARD_HOSTS and \
+                    not _is_loopback(k)
+            if clash:
+                raise ConfigError(
+                    f"{path}: node.{a.name} ({what_a} {_fmt(ea)}) and node.{b.name} "
+                    f"({what_b} {_fmt(eb)}) would listen on the same address"
+                    + (" on one host" if one_host else "") + "; use another port")
+
+
 def _check_keys(table: dict, allowed: dict, where: str) -> None:
     for key, value in table.items():
         if key not in allowed:
@@ -177,14 +237,16 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
     if a.address == b.address:
         raise ConfigError(f"{path}: both nodes use the replication address "
                           f"{a.address[0]}:{a.address[1]}")
+    _check_clashes(path, a, b)
     cfg = ResourceConfig(path=path, name=name, shared_secret=res["shared-secret"],
                          nodes=nodes, protocol=protocol, raw=raw)
     for key, attr in (("ping-interval", "ping_interval"), ("timeout", "timeout"),
                       ("connect-interval", "connect_interval"),
                       ("barrier-interval", "barrier_interval")):
         if key in res:
-            if res[key] <= 0:
-                raise ConfigError(f"{path}: resource.{key} must be positive")
+            if not 0 < res[key] < math.inf:  # also refuses nan
+                raise ConfigError(f"{path}: resource.{key} must be positive and finite "
+                                  f"(got {res[key]!r})")
             setattr(cfg, attr, float(res[key]))
     if cfg.timeout <= cfg.ping_interval:
         raise ConfigError(f"{path}: resource.timeout must exceed resource.ping-interval")

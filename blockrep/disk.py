@@ -55,20 +55,69 @@ def parse_size(text: str) -> int:
     return value
 
 
+class DiskError(OSError):
+    """The backing disk (or metadata file) cannot be used; str() is one clear line."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _open_error(what: str, path: str, exc: OSError) -> DiskError:
+    if exc.errno == errno.ENOENT:
+        msg = f"{what} {path} does not exist"
+    elif exc.errno == errno.EISDIR:
+        msg = f"{what} {path} is a directory, not a disk image or block device"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        msg = f"{what} {path}: permission denied ({exc.strerror})"
+    else:
+        msg = f"{what} {path} cannot be opened: {exc.strerror}"
+    return DiskError(exc.errno, msg)
+
+
+def open_exclusive(path: str, flags: int, what: str = "disk", mode: int = 0o644) -> int:
+    """os.open + a lock on the open file (flock: shared when read-only, else exclusive),
+    taken before anything is read or written: a second user of the same file or device
+    (another node, resource or serve, or another path to it) is refused with EBUSY."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise _open_error(what, path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise DiskError(errno.EINVAL, f"{what} {path} is not a regular file or block "
+                                          f"device")
+        shared = (flags & os.O_ACCMODE) == os.O_RDONLY
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DiskError(errno.EBUSY, f"{what} {path} is in use by another blockrep "
+                                         f"process (a running node or serve); refusing to "
+                                         f"open it") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Disk:
-    """A backing disk. Offsets and lengths are validated by the caller."""
+    """A backing disk. Offsets and lengths are validated by the caller.
+
+    Opening it locks it (see open_exclusive): nothing else opens the same disk through
+    blockrep until it is closed.
+    """
 
     def __init__(self, path: str, *, size: int | None = None, create: bool = False,
                  read_only: bool = False, direct: bool = False):
         self.path = path
         self.read_only = read_only
         self.direct = direct
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        flags = os.O_RDONLY if read_only else os.O_RDWR
         if create and not read_only:
             flags |= os.O_CREAT
         if direct:
             flags |= os.O_DIRECT
-        self.fd = os.open(path, flags, 0o644)
+        self.fd = open_exclusive(path, flags)
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import native
 from .bitmap import BLOCK, Bitmap
-from .disk import Disk
+from .disk import Disk, open_exclusive
 from .state import DiskState, Generation
 
 log = logging.getLogger("blockrep.meta")
@@ -166,7 +166,7 @@ def _md_target(cfg, node):
         data_size, md_offset, md_size = layout(disk.size, internal)
         if internal:
             return disk, disk.fd, md_offset, data_size, md_size, f"{node.disk} (internal)", False
-        fd = os.open(node.meta_disk, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_exclusive(node.meta_disk, os.O_RDWR | os.O_CREAT, "metadata file", 0o600)
         return disk, fd, 0, data_size, md_size, node.meta_disk, True
     except BaseException:
         disk.close()

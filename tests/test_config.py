@@ -392,3 +392,76 @@ def test_parse_address_command_line_errors(text, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_address(text, "--listen", default_port=10809, default_host="127.0.0.1",
                       any_port=True)
+# -- address clashes (caught when the config is read, not as Errno 98 later) --------------------
+
+def loopback_pair(raw):
+    raw["node"]["alpha"].update({"address": "127.0.0.1:7789", "nbd": "127.0.0.1:10809"})
+    raw["node"]["beta"].update({"address": "127.0.0.1:7790", "nbd": "127.0.0.1:10810"})
+
+
+def test_loopback_pair_ok():
+    cfg = parse(with_(loopback_pair))
+    assert cfg.nodes["beta"].nbd == ("127.0.0.1", 10810)
+
+
+def test_nbd_port_equals_own_replication_port():
+    def m(raw):
+        raw["node"]["alpha"]["nbd"] = "10.0.0.1:7789"
+    bad(with_(m), "node.alpha", "10.0.0.1:7789", "nbd", "replication")
+
+
+def test_nbd_on_wildcard_clashes_with_own_replication_port():
+    def m(raw):
+        raw["node"]["beta"]["nbd"] = "0.0.0.0:7789"
+    bad(with_(m), "node.beta", "0.0.0.0:7789", "10.0.0.2:7789")
+
+
+def test_same_nbd_address_on_one_host():
+    def m(raw):
+        loopback_pair(raw)
+        raw["node"]["beta"]["nbd"] = "127.0.0.1:10809"
+    bad(with_(m), "alpha", "beta", "127.0.0.1:10809", "nbd")
+
+
+def test_same_nbd_address_localhost_spelling():
+    def m(raw):
+        loopback_pair(raw)
+        raw["node"]["beta"]["nbd"] = "localhost:10809"
+    bad(with_(m), "alpha", "beta", "10809")
+
+
+def test_nbd_clashes_with_the_other_nodes_replication_port_on_one_host():
+    def m(raw):
+        loopback_pair(raw)
+        raw["node"]["beta"]["nbd"] = "127.0.0.1:7789"
+    bad(with_(m), "alpha", "beta", "127.0.0.1:7789")
+
+
+def test_same_routable_nbd_address_on_two_hosts():
+    def m(raw):
+        raw["node"]["alpha"]["nbd"] = "10.0.0.9:10809"
+        raw["node"]["beta"]["nbd"] = "10.0.0.9:10809"
+    bad(with_(m), "10.0.0.9:10809", "alpha", "beta")
+
+
+def test_same_loopback_nbd_on_two_hosts_ok():
+    # alpha and beta run on different machines (10.0.0.1, 10.0.0.2): each serves its own
+    # loopback NBD port
+    def m(raw):
+        raw["node"]["beta"]["nbd"] = "127.0.0.1:10809"
+    assert parse(with_(m)).nodes["beta"].nbd == ("127.0.0.1", 10809)
+
+
+@pytest.mark.parametrize("key", ["ping-interval", "timeout", "connect-interval",
+                                 "barrier-interval"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_timers_must_be_finite(key, value):
+    bad(with_(lambda r: r["resource"].update({key: value})), f"resource.{key}")
+
+
+def test_loads_bad_toml_is_one_line():
+    with pytest.raises(ConfigError) as ei:
+        config.loads(b"[resource\nname=", "x.toml")
+    assert "\n" not in str(ei.value) and "x.toml" in str(ei.value)
+    with pytest.raises(ConfigError):
+        config.loads(b"\xff\xfe", "x.toml")

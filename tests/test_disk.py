@@ -98,8 +98,62 @@ def test_empty(path):
 
 
 def test_missing_file_without_create(path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError) as ei:
         Disk(path, size=MiB)
+    assert ei.value.errno == errno.ENOENT
+    assert str(ei.value) == f"disk {path} does not exist"
+
+
+def test_directory_is_one_clear_error(tmp_path):
+    with pytest.raises(disk_mod.DiskError) as ei:
+        Disk(str(tmp_path))
+    assert ei.value.errno == errno.EISDIR
+    assert str(ei.value) == f"disk {tmp_path} is a directory, not a disk image or block device"
+
+
+def test_character_device_refused():
+    with pytest.raises(disk_mod.DiskError, match="not a regular file or block device"):
+        Disk("/dev/null")
+
+
+# -- exclusive use -------------------------------------------------------------------------------
+
+def test_second_open_refused_while_in_use(path):
+    first = Disk(path, size=MiB, create=True)
+    try:
+        first.write(0, b"mine")
+        for kw in ({}, {"read_only": True}):
+            with pytest.raises(disk_mod.DiskError) as ei:
+                Disk(path, **kw)
+            assert ei.value.errno == errno.EBUSY
+            assert str(ei.value) == f"disk {path} is in use by another blockrep process " \
+                                    f"(a running node or serve); refusing to open it"
+        assert first.read(0, 4) == b"mine"
+    finally:
+        first.close()
+    Disk(path).close()  # free again once closed
+
+
+def test_another_path_to_the_same_file_refused(path, tmp_path):
+    link = str(tmp_path / "link.img")
+    first = Disk(path, size=MiB, create=True)
+    try:
+        os.symlink(path, link)
+        with pytest.raises(disk_mod.DiskError, match="in use"):
+            Disk(link)
+    finally:
+        first.close()
+
+
+def test_read_only_opens_share(path):
+    Disk(path, size=MiB, create=True).close()
+    a = Disk(path, read_only=True)
+    try:
+        Disk(path, read_only=True).close()
+        with pytest.raises(disk_mod.DiskError, match="in use"):
+            Disk(path)
+    finally:
+        a.close()
 
 
 def test_direct_needs_aligned_size(path):
