@@ -812,3 +812,36 @@ def test_dump_md_fresh_and_missing(setup):
     assert d["disk_state"] == "Inconsistent"
     assert d["al_active_extents"] == [] and d["bitmap_set_bits"] == 0
     assert d["crashed_primary_at_start"] is False
+
+
+# -- exclusive use -------------------------------------------------------------------------------
+
+def test_open_store_locks_disk_and_metadata_before_any_io(created):
+    from blockrep.disk import DiskError
+    cfg, node = created
+    store = open_store(cfg, node)
+    try:
+        path, off, _, _ = md_loc(node)
+        before = pread(path, 2 * SB_SIZE, off)
+        for fn in (lambda: open_store(cfg, node), lambda: create_md(cfg, node, force=True),
+                   lambda: dump_md(cfg, node)):
+            with pytest.raises(DiskError, match="in use"):
+                fn()
+        assert pread(path, 2 * SB_SIZE, off) == before
+    finally:
+        store.close()
+    open_store(cfg, node).close()
+
+
+def test_external_metadata_file_is_locked_too(tmp_path):
+    from blockrep.disk import DiskError
+    cfg = make_cfg(tmp_path, external=True)
+    a, b = cfg.nodes["a"], cfg.nodes["b"]
+    create_md(cfg, a)
+    b.meta_disk = a.meta_disk  # another node/resource pointed at the same metadata file
+    store = open_store(cfg, a)
+    try:
+        with pytest.raises(DiskError, match=f"metadata file {a.meta_disk} is in use"):
+            create_md(cfg, b, force=True)
+    finally:
+        store.close()
