@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT
+from support.helpers import ROOT
 
 RUNS = 10_000
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers import PY, ROOT, free_port, run
+from support.helpers import PY, ROOT, free_port, run
 
 SB_BYTES = 8192  # both superblock copies
 
