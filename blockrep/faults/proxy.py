@@ -35,6 +35,9 @@ import signal
 import socket
 import sys
 import threading
+import time
+
+import uvloop
 
 from .shaping import Schedule, Shape, parse_rate
 
@@ -68,7 +71,7 @@ class _Pipe:
         self.changed = asyncio.Event()  # queue or blackhole changed
 
     async def pump_in(self) -> None:
-        p, loop = self.proxy, asyncio.get_running_loop()
+        p = self.proxy
         while True:
             data = await self.reader.read(READ_SIZE)
             if not data:
@@ -79,7 +82,9 @@ class _Pipe:
                 continue
             data = p._maybe_flip(self.direction, data)
             self.sched.shape = p.shapes[self.direction]
-            self.queue.append((self.sched.release_time(loop.time(), len(data)), data))
+            # time.monotonic, not loop.time: uvloop's clock is cached per iteration and its
+            # timers have millisecond granularity, so a delay could come out short
+            self.queue.append((self.sched.release_time(time.monotonic(), len(data)), data))
             self.queued += len(data)
             self.changed.set()
             while self.queued >= p.buffer_bytes:
@@ -89,7 +94,7 @@ class _Pipe:
         self.changed.set()
 
     async def pump_out(self) -> None:
-        p, loop = self.proxy, asyncio.get_running_loop()
+        p = self.proxy
         while True:
             while not self.queue:
                 self.changed.clear()
@@ -99,8 +104,7 @@ class _Pipe:
                 if self.writer.can_write_eof():
                     self.writer.write_eof()
                 return
-            wait = release - loop.time()
-            if wait > 0:
+            while (wait := release - time.monotonic()) > 0:  # never early
                 await asyncio.sleep(wait)
             await p.flowing.wait()
             self.queue.popleft()
@@ -325,7 +329,7 @@ class ProxyThread:
     def __init__(self, target: tuple[str, int], listen: tuple[str, int] = ("127.0.0.1", 0),
                  **kw):
         self.proxy = LinkProxy(target, listen, **kw)
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name="link-proxy")
         self.thread.start()
@@ -471,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_rate(args.rate)
     except ValueError as exc:
         ap.error(str(exc))
-    asyncio.run(_serve(args))
+    uvloop.run(_serve(args))
     return 0
 
 
