@@ -25,6 +25,7 @@ from functools import partial
 
 from ..nbd import proto
 from .buffers import BufferPool
+from .ratelog import RateLimitedLog
 from ..nbd.constants import (
     BASE_ALLOCATION_ID,
     REPLY_FLAG_DONE,
@@ -41,6 +42,7 @@ from ..nbd.handshake import Closed, Export, HandshakeServer, Negotiated
 from ..nbd.transmission import RequestRules, nbd_error
 
 log = logging.getLogger("blockrep.nbd")
+iolog = RateLimitedLog(log)  # a failing disk fails every request: a few lines and a count
 
 WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 
@@ -324,6 +326,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             except Exception as exc:  # the backend failed: this request fails, not the server
                 if not isinstance(exc, OSError):
                     log.exception("%s: %s failed", self.peer, NbdCmd(cmd).name)
+                else:
+                    iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
+                                NbdCmd(cmd).name, offset, length, exc)
                 self._reply_err(cookie, nbd_error(exc), cmd, str(exc))
         if pos == end:
             self._start = self._end = 0
@@ -379,9 +384,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             if extents is not None:
                 self._read_sparse(cookie, offset, length, extents)
                 return
+        data = self._read_data(offset, length)  # a failure raises before any chunk is out
         out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, length + 8))
         out.append(_U64(offset))
-        out.append(self._read_data(offset, length))
+        out.append(data)
 
     def _read_data(self, offset, length):
         if length < SPARSE_READ_MIN:
@@ -396,15 +402,21 @@ class NbdConnection(asyncio.BufferedProtocol):
         if covered < length:  # extent list was cut short: the rest goes as data
             extents = extents + [(offset + covered, length - covered, False)]
         last = len(extents) - 1
-        for i, (off, n, hole) in enumerate(extents):
-            fl = _DONE if i == last else 0
-            if hole:
-                out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _HOLE, cookie, 12))
-                out.append(proto.encode_offset_hole_payload(off, n))
-            else:
-                out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _DATA, cookie, n + 8))
-                out.append(_U64(off))
-                out.append(self._read_data(off, n))
+        mark = len(out)
+        try:
+            for i, (off, n, hole) in enumerate(extents):
+                fl = _DONE if i == last else 0
+                if hole:
+                    out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _HOLE, cookie, 12))
+                    out.append(proto.encode_offset_hole_payload(off, n))
+                else:
+                    data = self._read_data(off, n)
+                    out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, fl, _DATA, cookie, n + 8))
+                    out.append(_U64(off))
+                    out.append(data)
+        except BaseException:
+            del out[mark:]  # nothing of this reply goes out: the caller sends the error
+            raise
 
     def _cmd_flush(self, flags, cookie, offset, length):
         if self._submit is not None:
