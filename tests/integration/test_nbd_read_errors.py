@@ -3,44 +3,29 @@
 reply stream stays in step (the next request on the same connection works), and the errors
 are logged at a bounded rate.
 
-The faulty disk is real: nbdkit's memory plugin behind its `error` filter, exposed as a file
-by `nbdfuse`; reads fail with EIO while the trigger file exists.
+The faulty disk is real (blockrep.faults.disk.FaultyDisk): nbdkit's memory plugin behind its
+`error` filter, exposed as a file by `nbdfuse`; reads fail with EIO while the trigger file
+exists. A second test uses an in-process backend whose reads are split into chunks.
 """
 
 from __future__ import annotations
 
 import errno
-import subprocess
 
 import pytest
-from helpers import require_tool, start_serve, stop_process, wait_for
-from nbd_testlib import run_libnbd
+from helpers import require_tool, start_serve
+from nbd_testlib import MiB, run_libnbd
 
-DISK_SIZE = "64M"
+from blockrep.faults.disk import TOOLS, FaultyDisk
 
 
 @pytest.fixture
 def faulty_disk(tmp_path):
     """(path of the faulty disk file, trigger path): reads fail with EIO while the trigger
     exists."""
-    require_tool("nbdkit", "nbdfuse", "fusermount3")
-    mnt = tmp_path / "fuse"
-    mnt.mkdir()
-    trigger = tmp_path / "fail-reads"
-    log = open(tmp_path / "nbdfuse.log", "w")
-    proc = subprocess.Popen(
-        ["nbdfuse", str(mnt), "--command", "nbdkit", "-s", "memory", DISK_SIZE,
-         "--filter=error", "error-pread=EIO", "error-pread-rate=100%",
-         f"error-file={trigger}"], stdout=log, stderr=subprocess.STDOUT)
-    disk = mnt / "nbd"
-    try:
-        wait_for(lambda: proc.poll() is not None or disk.exists(), what="nbdfuse mount")
-        assert proc.poll() is None, f"nbdfuse exited {proc.returncode}"
-        yield str(disk), str(trigger)
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        stop_process(proc)
-        log.close()
+    require_tool(*TOOLS)
+    with FaultyDisk(str(tmp_path), 64 * MiB) as d:
+        yield d.path, d.trigger("pread")
 
 
 READS = r'''
