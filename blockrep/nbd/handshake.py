@@ -3,8 +3,14 @@
 Owns: option negotiation up to the start of transmission (or the end of the connection).
 Bytes go in with `receive_data`, bytes to send come out of `data_to_send`, and the outcome is
 an event: `Negotiated` (transmission starts; any bytes received past the handshake are in
-`leftover`) or `Closed`. Must not: touch sockets, clocks or disks.
-Every option's payload is consumed before it is answered, even when it is refused.
+`leftover`), `StartTls` (NBD_OPT_STARTTLS was acknowledged: the shell sends the ACK, upgrades
+the transport, then calls `tls_established`) or `Closed`. Must not: touch sockets, clocks or
+disks. Every option's payload is consumed before it is answered, even when it is refused.
+
+TLS modes (spec "TLS support"): "off" (NOTLS: STARTTLS is answered ERR_UNSUP), "on" (the
+client may upgrade; plain sessions are served too) and "require" (FORCEDTLS: before TLS,
+every option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD and EXPORT_NAME ends the
+connection).
 """
 
 from __future__ import annotations
@@ -69,6 +75,14 @@ class Negotiated:
 
 
 @dataclass
+class StartTls:
+    """Send what `data_to_send` holds (the ACK), then start TLS as the server."""
+
+
+TLS_MODES = ("off", "on", "require")
+
+
+@dataclass
 class Closed:
     reason: str
     error: bool = False  # True when the client broke the protocol
@@ -78,13 +92,18 @@ class HsState(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTION = "option"
     DISCARD = "discard"
+    TLS = "tls"  # STARTTLS acknowledged; waiting for the shell to finish the TLS handshake
     DONE = "done"
     CLOSED = "closed"
 
 
 class HandshakeServer:
     def __init__(self, exports: dict[str, Export], default_export: str | None = None,
-                 refusal: str | None = None):
+                 refusal: str | None = None, tls: str = "off"):
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+        self.tls = tls
+        self.tls_active = False
         self.exports = exports
         self.refusal = refusal  # when set, no export is served (e.g. a Secondary node)
         self.default_export = default_export if default_export is not None else next(
@@ -113,17 +132,36 @@ class HandshakeServer:
     def receive_data(self, data) -> list:
         if self.state in (HsState.DONE, HsState.CLOSED):
             return []
+        if self.state is HsState.TLS:
+            if data:
+                self._close("protocol error: data before the TLS handshake was started",
+                            error=True)
+            events, self._events = self._events, []
+            return events
         self._in += data
         try:
-            while self.state not in (HsState.DONE, HsState.CLOSED) and self._step():
+            while self.state in (HsState.CLIENT_FLAGS, HsState.OPTION, HsState.DISCARD) \
+                    and self._step():
                 pass
         except NbdProtocolError as exc:
             self._close(f"protocol error: {exc}", error=True)
+        if self.state is HsState.TLS and self._in:
+            # the client must wait for the ACK before its TLS hello (spec)
+            self._close("protocol error: client sent data after NBD_OPT_STARTTLS before "
+                        "the ACK", error=True)
         if self.state is HsState.DONE:
             self.leftover = bytes(self._in)
             self._in.clear()
         events, self._events = self._events, []
         return events
+
+    def tls_established(self) -> list:
+        """The shell finished the TLS handshake: options are read over TLS from now on."""
+        if self.state is not HsState.TLS:
+            raise RuntimeError("tls_established without an acknowledged NBD_OPT_STARTTLS")
+        self.tls_active = True
+        self.state = HsState.OPTION
+        return []
 
     # -- machinery ---------------------------------------------------------------------------
     def _close(self, reason: str, error: bool = False) -> None:
@@ -159,6 +197,8 @@ class HandshakeServer:
             self.state = HsState.OPTION
             if self._discard_option == NbdOpt.EXPORT_NAME:
                 self._close("export name too long", error=True)
+            elif self._tls_required(self._discard_option):
+                self._error(self._discard_option, NbdRep.ERR_TLS_REQD, "TLS is required")
             else:
                 self._error(self._discard_option, NbdRep.ERR_TOO_BIG,
                             f"option payload larger than {MAX_OPTION_LEN} bytes")
@@ -181,7 +221,13 @@ class HandshakeServer:
         payload = bytes(self._in[n:n + length])
         del self._in[:n + length]
         handler = _OPTION_HANDLERS.get(option)
-        if handler is None:
+        if self._tls_required(option):
+            if option == NbdOpt.EXPORT_NAME:  # cannot be answered with an error (spec)
+                self._close("NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
+            else:
+                self._error(option, NbdRep.ERR_TLS_REQD,
+                            "TLS is required: send NBD_OPT_STARTTLS first")
+        elif handler is None:
             name = NbdOpt(option).name if option in NbdOpt._value2member_map_ else str(option)
             self._error(option, NbdRep.ERR_UNSUP, f"option {name} is not supported")
         else:
@@ -193,6 +239,10 @@ class HandshakeServer:
         if self.structured:
             return export.flags
         return int(export.flags) & ~int(TransmissionFlag.SEND_DF)
+
+    def _tls_required(self, option: int) -> bool:
+        return (self.tls == "require" and not self.tls_active
+                and option not in (NbdOpt.STARTTLS, NbdOpt.ABORT))
 
     def _count_option(self) -> None:
         self._options_seen += 1
@@ -229,8 +279,19 @@ class HandshakeServer:
                         proto.encode_rep_server(export.name, export.description))
         self._reply(option, NbdRep.ACK)
 
-    def _opt_unsupported_tls(self, option: int, payload: bytes) -> None:
-        self._error(option, NbdRep.ERR_UNSUP, "TLS is not supported by this server")
+    def _opt_starttls(self, option: int, payload: bytes) -> None:
+        if self.tls == "off":
+            self._error(option, NbdRep.ERR_UNSUP, "TLS is not enabled on this server")
+        elif payload:
+            self._error(option, NbdRep.ERR_INVALID, "NBD_OPT_STARTTLS takes no payload")
+        elif self.tls_active:
+            self._error(option, NbdRep.ERR_INVALID, "TLS is already active")
+        elif not self.fixed:
+            raise NbdProtocolError("NBD_OPT_STARTTLS needs fixed newstyle negotiation")
+        else:
+            self._reply(option, NbdRep.ACK)
+            self.state = HsState.TLS
+            self._events.append(StartTls())
 
     def _opt_info_go(self, option: int, payload: bytes) -> None:
         try:
@@ -311,7 +372,7 @@ _OPTION_HANDLERS = {
     NbdOpt.EXPORT_NAME: HandshakeServer._opt_export_name,
     NbdOpt.ABORT: HandshakeServer._opt_abort,
     NbdOpt.LIST: HandshakeServer._opt_list,
-    NbdOpt.STARTTLS: HandshakeServer._opt_unsupported_tls,
+    NbdOpt.STARTTLS: HandshakeServer._opt_starttls,
     NbdOpt.INFO: HandshakeServer._opt_info_go,
     NbdOpt.GO: HandshakeServer._opt_info_go,
     NbdOpt.STRUCTURED_REPLY: HandshakeServer._opt_structured_reply,

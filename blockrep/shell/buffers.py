@@ -13,6 +13,26 @@ class BufferPool:
     def __init__(self):
         self._entries: list[bytearray] = []
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def trim(self, keep_bytes: int) -> int:
+        """Give back free buffers beyond `keep_bytes` of free ones (buffers in use stay);
+        returns the bytes released."""
+        getrefcount = sys.getrefcount
+        kept = released = 0
+        entries = []
+        for ba in self._entries:
+            # references: the list, the loop variable, getrefcount's argument
+            if getrefcount(ba) == 3:
+                if kept + len(ba) > keep_bytes:
+                    released += len(ba)
+                    continue
+                kept += len(ba)
+            entries.append(ba)
+        self._entries = entries
+        return released
+
     def get(self, n: int) -> memoryview:
         getrefcount = sys.getrefcount
         for ba in self._entries:

@@ -12,20 +12,27 @@ reusable buffer. Replies produced by one `buffer_updated` go out with one `write
 Reads and writes run inline, large ones too (page-cache I/O; measured faster than a hand-off
 to a thread even at 1 MiB); FLUSH runs in a thread so the loop keeps serving, which makes
 replies out of order. Read buffers of large reads come from a pool (see buffers.py).
+
+Bounds (nbd_limits.py, docs/nbd.md): a connection in the handshake has a small receive
+buffer (the 2 MiB ring comes with transmission), a deadline from accept, and a place among at
+most `max_handshakes` (the oldest is dropped for a newcomer). In transmission, requests in
+flight and write bytes in flight are counted with ints per connection and per server; over a
+limit, the connection stops parsing (what is in the ring stays there) and pauses reading from
+the socket until completions bring it back under. Only connections past the handshake are in
+`connections` (attached clients).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from ..nbd import proto
 from .buffers import BufferPool
-from .ratelog import RateLimitedLog
+from .nbd_limits import NbdLimits, NbdTls
+from .nbd_session import HS_BUF, RECV_BUF, NbdSession, iolog, log
 from ..nbd.constants import (
     BASE_ALLOCATION_ID,
     REPLY_FLAG_DONE,
@@ -38,20 +45,19 @@ from ..nbd.constants import (
     ReplyType,
     StateFlag,
 )
-from ..nbd.handshake import Closed, Export, HandshakeServer, Negotiated
+from ..nbd.handshake import Export, HandshakeServer
 from ..nbd.transmission import RequestRules, nbd_error
 
-log = logging.getLogger("blockrep.nbd")
-iolog = RateLimitedLog(log)  # a failing disk fails every request: a few lines and a count
 
 WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 
-RECV_BUF = 2 * 1024 * 1024
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024
 BIG_IO = 256 * 1024  # write payloads this large are received into their own buffer
 MAX_BLOCK_STATUS_EXTENTS = 2048
 SPARSE_READ_MIN = 64 * 1024  # reads this large are split into data/hole chunks
+POOL_KEEP = 4  # a pool with more buffers than this gives back free ones beyond ...
+POOL_KEEP_BYTES = 8 * 1024 * 1024  # ... this many bytes (after a burst of large requests)
 
 _unpack_req = proto.unpack_request_from
 _pack_simple = proto.pack_simple_reply
@@ -71,7 +77,8 @@ class NbdServer:
     """Serves one backend under one or more export names, on any number of listeners."""
 
     def __init__(self, backend, export: Export, *, exports: dict[str, Export] | None = None,
-                 submit=None, executor: ThreadPoolExecutor | None = None):
+                 submit=None, executor: ThreadPoolExecutor | None = None,
+                 limits: NbdLimits | None = None, tls: NbdTls | None = None):
         """`backend` serves reads (a Disk). Writes go to it directly, or, when `submit` is
         given (replication), to submit(kind, offset, length, data, flags, callback(err)).
         Large requests run in `executor` (a replicated node passes its one pool), or in a
@@ -81,7 +88,13 @@ class NbdServer:
         self.refusal: str | None = None  # when set, the handshake refuses every export
         self.export = export
         self.exports = exports or {export.name: export}
-        self.connections: set[NbdConnection] = set()
+        self.limits = limits or NbdLimits()
+        self.tls = tls or NbdTls()
+        self.connections: set[NbdConnection] = set()  # past the handshake: attached clients
+        self.handshaking: dict[NbdConnection, None] = {}  # in accept order (oldest first)
+        self.inflight_bytes = 0  # write payload bytes in flight, all connections
+        self.throttled: set[NbdConnection] = set()  # holding because of node_bytes
+        self.handshakes_dropped = 0  # timed out, or dropped for a newer connection
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
         self._own_executor = executor is None
@@ -108,6 +121,8 @@ class NbdServer:
         self.closing = True
         for srv in self.servers:
             srv.close()
+        for c in list(self.handshaking):
+            c.abort()
         await asyncio.gather(*(c.drain_and_close() for c in list(self.connections)),
                              return_exceptions=True)
         for srv in self.servers:
@@ -116,7 +131,7 @@ class NbdServer:
             self.executor.shutdown(wait=True)
 
 
-class NbdConnection(asyncio.BufferedProtocol):
+class NbdConnection(NbdSession, asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer):
         self.server = server
         self.backend = server.backend
@@ -124,13 +139,21 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.peer = "?"
         self.hs: HandshakeServer | None = HandshakeServer(server.exports,
                                                           server.export.name,
-                                                          refusal=server.refusal)
+                                                          refusal=server.refusal,
+                                                          tls=server.tls.mode)
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._limits = lim = server.limits
+        self._max_bytes = lim.conn_bytes
+        self._max_reqs = lim.conn_requests
+        self._node_max = lim.node_bytes
+        self._read_batch = lim.read_batch
+        self._lost = False
         self._submit = server.submit
         self._complete_scheduled = False
         self.rules: RequestRules | None = None
         self.structured = False
         self.meta = False
-        self._buf = bytearray(RECV_BUF)
+        self._buf = bytearray(HS_BUF)  # the transmission ring replaces it (see _set_ring)
         self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -144,6 +167,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._payload_view: memoryview | None = None  # None: drain a refused payload
         self._got = 0
         self._inflight = 0  # requests executing asynchronously
+        self._wbytes = 0  # write payload bytes of those
+        self._held = False  # parsing stopped by a bound; requests may wait in the ring
         self._idle: asyncio.Future | None = None
         self._closing = False
         self._paused_writing = False
@@ -156,35 +181,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             NbdCmd.BLOCK_STATUS: self._cmd_block_status,
         }
 
-    # -- asyncio protocol --------------------------------------------------------------------
-    def connection_made(self, transport):
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        if self.server.closing:
-            transport.abort()
-            return
-        self.server.connections.add(self)
-        transport.write(self.hs.data_to_send())
-
-    def connection_lost(self, exc):
-        self.server.connections.discard(self)
-        self._closing = True
-        self._wake_idle()
-
-    def pause_writing(self):
-        self._paused_writing = True
-        self.transport.pause_reading()
-
-    def resume_writing(self):
-        self._paused_writing = False
-        if not self._closing:
-            self.transport.resume_reading()
-
+    # -- receive path ------------------------------------------------------------------------
     def get_buffer(self, sizehint):
         if self._pending_payload is not None:
             if self._payload_view is None:
@@ -219,45 +216,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             self._process()
 
-    def eof_received(self):
-        return False  # close our side too
-
-    # -- handshake ---------------------------------------------------------------------------
-    def _handshake(self):
-        hs = self.hs
-        data = bytes(self._mv[self._start:self._end])
-        self._start = self._end = 0
-        for ev in hs.receive_data(data):
-            out = hs.data_to_send()
-            if out:
-                self.transport.write(out)
-            if isinstance(ev, Closed):
-                if ev.error:
-                    log.warning("%s: handshake: %s", self.peer, ev.reason)
-                self.hs = None
-                self._closing = True
-                self.transport.close()
-                return
-            if isinstance(ev, Negotiated):
-                self._start_transmission(ev)
-                return
-        out = hs.data_to_send()
-        if out:
-            self.transport.write(out)
-
-    def _start_transmission(self, ev: Negotiated):
-        hs = self.hs
-        self.hs = None
-        self.structured = ev.structured
-        self.meta = BASE_ALLOCATION_ID in ev.meta_contexts
-        self.rules = RequestRules(ev.export.size, ev.flags, ev.structured, self.meta,
-                                  ev.export.max_block)
-        left = hs.leftover
-        if left:
-            self._mv[:len(left)] = left
-            self._end = len(left)
-            self._process()
-
     # -- transmission ------------------------------------------------------------------------
     def _compact(self):
         n = self._end - self._start
@@ -274,7 +232,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         check = self.rules.check
         dispatch = self._dispatch
         big = False
-        while end - pos >= REQUEST_SIZE and not self._closing:
+        produced = 0  # read reply bytes built in this pass
+        while end - pos >= REQUEST_SIZE and not self._closing and not self._held:
             magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
             if magic != REQUEST_MAGIC:
                 log.warning("%s: bad request magic %#x; disconnecting", self.peer, magic)
@@ -330,6 +289,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                     iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
                                 NbdCmd(cmd).name, offset, length, exc)
                 self._reply_err(cookie, nbd_error(exc), cmd, str(exc))
+            if cmd == 0:  # READ: bound what waits in memory for a slow reader
+                produced += length
+                if produced >= self._read_batch:
+                    produced = 0
+                    self._flush_out()
+                    if self._paused_writing:
+                        self._hold()  # resume_writing parses the rest of the ring
         if pos == end:
             self._start = self._end = 0
         else:
@@ -338,6 +304,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         # little else, so a following large payload is copied out of the ring only a bit
         self._read_size = SMALL_READ if big else RECV_CHUNK
         self._flush_out()
+        if len(self._pool) > POOL_KEEP:
+            self._pool.trim(POOL_KEEP_BYTES)
 
     def _flush_out(self):
         out = self._out
@@ -458,10 +426,22 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Hand a write-type request to the replication layer; it calls back when the
         replication protocol's promise holds (or with the error)."""
         self._inflight += 1
-        self._submit(kind, offset, length, data, flags, partial(self._completed, cookie))
+        n = length if data is not None else 0  # payload bytes held until completion
+        self._wbytes += n
+        srv = self.server
+        srv.inflight_bytes += n
+        self._submit(kind, offset, length, data, flags, partial(self._completed, cookie, n))
+        if self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:
+            self._hold()
+        elif srv.inflight_bytes >= self._node_max:
+            srv.throttled.add(self)
+            self._hold()
 
-    def _completed(self, cookie, err):
+    def _completed(self, cookie, n, err):
         self._inflight -= 1
+        if n and not self._lost:
+            self._wbytes -= n
+            self.server.inflight_bytes -= n
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
         if not self._complete_scheduled:  # coalesce replies completed in one loop step
             self._complete_scheduled = True
@@ -475,6 +455,14 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._flush_out()
         else:
             self._out.clear()
+        if self._held:
+            self._maybe_resume()
+        srv = self.server
+        if srv.throttled and srv.inflight_bytes * 4 < self._node_max * 3:
+            for conn in list(srv.throttled):
+                conn._maybe_resume()
+        if not self._inflight and len(self._pool) > POOL_KEEP:
+            self._pool.trim(POOL_KEEP_BYTES)
 
     def _run_async(self, cookie, cmd, fn, *args):
         """Run fn(*args) in the I/O threads, then send a simple OK or error reply."""
@@ -488,6 +476,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self.transport.is_closing():
             self._reply_err(cookie, nbd_error(exc) if exc else 0, cmd, str(exc) if exc else "")
             self._flush_out()
+        if self._held:
+            self._maybe_resume()
         self._wake_idle()
 
     def _wake_idle(self):
