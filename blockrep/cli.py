@@ -53,13 +53,17 @@ class CliError(SystemExit):
         return self.message
 
 async def _serve(args) -> int:
+    from .shell.nbd_limits import NbdLimits, server_tls
     from .shell.nbd_server import NbdServer
 
+    tls = server_tls(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify_client)
     size = parse_size(args.size) if args.size else None
     disk = Disk(args.disk, size=size, create=args.create, read_only=args.read_only,
                 direct=args.direct)
+    limits = NbdLimits(handshake_timeout=args.handshake_timeout,
+                       max_handshakes=args.max_handshakes)
     server = NbdServer(disk, make_export(args.export, disk.size, read_only=args.read_only,
-                                         direct=args.direct))
+                                         direct=args.direct), limits=limits, tls=tls)
     if args.unix:
         await server.listen_unix(args.unix)
         log.info("serving %s (%d bytes) on unix:%s", args.disk, disk.size, args.unix)
@@ -305,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--direct", action="store_true", help="open the disk with O_DIRECT")
     s.add_argument("--port-file", help="write the bound TCP port here (for scripts)")
     s.add_argument("--json", action="store_true", help="errors as JSON on stdout")
+    s.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                   help="NBD_OPT_STARTTLS: off, on (client's choice) or require")
+    s.add_argument("--tls-cert", help="server certificate (PEM) for --tls on/require")
+    s.add_argument("--tls-key", help="server private key (PEM)")
+    s.add_argument("--tls-ca", help="CA certificate(s) (PEM) for client certificates")
+    s.add_argument("--tls-verify-client", action="store_true",
+                   help="require a client certificate signed by --tls-ca")
+    s.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds from accept to the end of the handshake (default 10)")
+    s.add_argument("--max-handshakes", type=int, default=64,
+                   help="connections in the handshake at once; the oldest is dropped "
+                        "(default 64)")
     s.set_defaults(func=cmd_serve)
 
     def res_cmd(name, helptext, func):

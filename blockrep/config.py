@@ -23,8 +23,11 @@ RESOURCE_KEYS = {
     "timeout": (int, float), "connect-interval": (int, float), "run-dir": str,
     "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
     "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str,
+    "nbd-tls": str, "nbd-handshake-timeout": (int, float),
 }
-NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str}
+NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str,
+             "nbd-tls-cert": str, "nbd-tls-key": str, "nbd-tls-ca": str}
+NBD_TLS_MODES = ("off", "on", "require")
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
 SB_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes",
                "discard-younger-primary", "discard-secondary")
@@ -38,6 +41,9 @@ class NodeConfig:
     nbd: tuple[str, int]
     meta_disk: str = "internal"
     export: str = ""
+    nbd_tls_cert: str = ""  # X.509 certificate and key (PEM) of this node's NBD export
+    nbd_tls_key: str = ""
+    nbd_tls_ca: str = ""  # when set, NBD clients must present a certificate it signed
 
 
 @dataclass
@@ -57,6 +63,8 @@ class ResourceConfig:
     resync_window: int = 32
     after_sb_0pri: str = "disconnect"
     after_sb_1pri: str = "disconnect"
+    nbd_tls: str = "off"  # off | on | require (docs/nbd.md)
+    nbd_handshake_timeout: float = 10.0
     raw: dict = field(default_factory=dict, repr=False)
 
     def node(self, name: str | None) -> NodeConfig:
@@ -232,6 +240,9 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             nbd=parse_address(table["nbd"], f"{where}.nbd"),
             meta_disk=table.get("meta-disk", "internal"),
             export=table.get("export", ""),
+            nbd_tls_cert=table.get("nbd-tls-cert", ""),
+            nbd_tls_key=table.get("nbd-tls-key", ""),
+            nbd_tls_ca=table.get("nbd-tls-ca", ""),
         )
     a, b = nodes.values()
     if a.address == b.address:
@@ -242,7 +253,8 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
                          nodes=nodes, protocol=protocol, raw=raw)
     for key, attr in (("ping-interval", "ping_interval"), ("timeout", "timeout"),
                       ("connect-interval", "connect_interval"),
-                      ("barrier-interval", "barrier_interval")):
+                      ("barrier-interval", "barrier_interval"),
+                      ("nbd-handshake-timeout", "nbd_handshake_timeout")):
         if key in res:
             if not 0 < res[key] < math.inf:  # also refuses nan
                 raise ConfigError(f"{path}: resource.{key} must be positive and finite "
@@ -269,4 +281,12 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
                 raise ConfigError(f"{path}: resource.{key} {res[key]!r}: one of "
                                   f"{', '.join(SB_POLICIES)}")
             setattr(cfg, attr, res[key])
+    cfg.nbd_tls = res.get("nbd-tls", "off")
+    if cfg.nbd_tls not in NBD_TLS_MODES:
+        raise ConfigError(f"{path}: resource.nbd-tls {cfg.nbd_tls!r}: one of "
+                          f"{', '.join(NBD_TLS_MODES)}")
+    for n in nodes.values():
+        if cfg.nbd_tls != "off" and not (n.nbd_tls_cert and n.nbd_tls_key):
+            raise ConfigError(f"{path}: node.{n.name}: nbd-tls = {cfg.nbd_tls} needs "
+                              f"nbd-tls-cert and nbd-tls-key")
     return cfg

@@ -7,6 +7,7 @@ the limits by pausing reads from the socket; nothing here buffers).
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -58,14 +59,15 @@ def server_tls(mode: str, cert: str | None, key: str | None, ca: str | None = No
         raise ValueError(f"tls = {mode} needs a certificate and a key (--tls-cert, --tls-key)")
     if verify_client and not ca:
         raise ValueError("verifying client certificates needs a CA (--tls-ca)")
+    for path in (cert, key, ca):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"TLS: no such file: {path}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # spec: TLS 1.2 or later
     try:
         ctx.load_cert_chain(cert, key)
         if ca:
             ctx.load_verify_locations(cafile=ca)
-    except FileNotFoundError as exc:
-        raise ValueError(f"TLS: no such file: {exc.filename}") from None
     except (ssl.SSLError, OSError) as exc:
         raise ValueError(f"TLS: cannot load certificate/key: {exc}") from None
     ctx.verify_mode = ssl.CERT_REQUIRED if verify_client else (

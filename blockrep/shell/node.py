@@ -30,6 +30,7 @@ from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role, Strategy
 from .admin import AdminServer
 from .link import PeerLink
+from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
 from .replication import Applier, Replicator
 from .resync import ResyncSource, ResyncTarget
@@ -127,7 +128,11 @@ class Node:
         export = make_export(self.me.export, self.size,
                              description=f"blockrep resource {self.cfg.name} on {self.name}")
         self.nbd = NbdServer(self.disk, export, submit=self.replicator.submit,
-                             executor=self.executor)
+                             executor=self.executor,
+                             limits=NbdLimits(handshake_timeout=self.cfg.nbd_handshake_timeout),
+                             tls=server_tls(self.cfg.nbd_tls, self.me.nbd_tls_cert,
+                                            self.me.nbd_tls_key, self.me.nbd_tls_ca or None,
+                                            verify_client=bool(self.me.nbd_tls_ca)))
         self.nbd.refusal = self.nbd_refusal()
         await self.nbd.listen_tcp(*self.me.nbd)
         self.tasks.append(self.loop.create_task(self._dialer()))
