@@ -24,7 +24,7 @@ log = logging.getLogger("blockrep.nbd")
 iolog = RateLimitedLog(log)  # per-connection troubles repeat: a few lines and a count
 
 RECV_BUF = 2 * 1024 * 1024  # the transmission ring
-HS_BUF = 16 * 1024  # receive buffer while in the handshake (options are parsed as they come)
+HS_BUF = 4 * 1024  # receive buffer while in the handshake (options are parsed as they come)
 
 
 class NbdSession:
