@@ -15,8 +15,8 @@ import threading
 import time
 
 import pytest
-from helpers import wait_for
-from nbd_testlib import MiB, RawClient, recv_exact
+from support.helpers import wait_for
+from support.nbd_testlib import MiB, RawClient, recv_exact
 
 from blockrep.nbd import proto
 from blockrep.nbd.constants import ClientFlag, NbdCmd, NbdOpt

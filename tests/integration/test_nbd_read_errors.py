@@ -13,8 +13,8 @@ from __future__ import annotations
 import errno
 
 import pytest
-from helpers import require_tool, start_serve
-from nbd_testlib import MiB, run_libnbd
+from support.helpers import require_tool, start_serve
+from support.nbd_testlib import MiB, run_libnbd
 
 from blockrep.faults.disk import TOOLS, FaultyDisk
 

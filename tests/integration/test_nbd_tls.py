@@ -6,13 +6,13 @@ resource's NBD export with `nbd-tls = "require"`."""
 from __future__ import annotations
 
 import filecmp
-import os
 import struct
 
 import pytest
-from helpers import PY, ROOT, require_tool, run, start_serve
-from nbd_testlib import MiB, RawClient, recv_exact, wait_closed_by_peer, write_random_file
-from tlscerts import make_certs
+from support.helpers import PY, ROOT, require_tool, run
+from support.nbd_testlib import (MiB, RawClient, recv_exact, wait_closed_by_peer,
+                                 write_random_file)
+from support.tlscerts import make_certs
 
 from blockrep.nbd import proto
 from blockrep.nbd.constants import ClientFlag, NbdOpt, NbdRep

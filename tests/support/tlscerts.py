@@ -9,7 +9,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from helpers import require_tool, run
+from support.helpers import require_tool, run
 
 
 @dataclass
