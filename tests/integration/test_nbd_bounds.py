@@ -224,3 +224,42 @@ def test_half_open_connections_are_not_attached_clients(cluster):
             s.close()
 
 
+
+
+def test_replicated_writes_bounded_while_the_peer_is_stopped(cluster):
+    """With the Secondary SIGSTOPped, protocol C holds every write until the peer is
+    declared lost; a client pipelining 256 x 1 MiB writes meets the per-connection bound
+    (64 MiB in flight) and is paused instead of buffered; every write completes after."""
+    import signal
+
+    c = cluster(size="320M")
+    c.up_pair("alpha")
+    pid = c.procs["alpha"].pid
+    port = c.nbd_port("alpha")
+    n = 256
+    block = os.urandom(MiB)
+    with RawClient(port) as cl:
+        cl.handshake()
+        assert cl.write(0, block) == 0
+        base = peak = rss_kib(pid)
+        c.procs["beta"].send_signal(signal.SIGSTOP)
+        try:
+            def send():
+                for i in range(n):
+                    cl.sock.sendall(proto.encode_request(NbdCmd.WRITE, 0, i + 1, i * MiB, MiB)
+                                    + block)
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            t_end = time.monotonic() + 2.5  # the peer is declared lost after 3 s
+            while time.monotonic() < t_end:
+                peak = max(peak, rss_kib(pid))
+                time.sleep(0.05)
+        finally:
+            c.procs["beta"].send_signal(signal.SIGCONT)
+        errs = [cl.simple_reply()[0] for _ in range(n)]
+        sender.join(60)
+        cl.disconnect()
+    print(f"{n} x 1 MiB replicated writes pipelined with the peer stopped: primary RSS "
+          f"{base} KiB before, peak {peak} KiB (+{peak - base} KiB) in the first 2.5 s")
+    assert errs == [0] * n
+    assert peak - base < 100 * 1024, (base, peak)  # 64 MiB in flight + one request
