@@ -22,8 +22,10 @@ from ..peer import proto
 from ..peer.proto import P
 
 from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD frontend
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("blockrep.repl")
+iolog = RateLimitedLog(log)  # a failing disk fails every write: a few lines and a count
 
 ASYNC_LOCAL = 256 * 1024  # writes this large are written locally in the I/O threads
 _P_DATA, _P_WRITE_ACK = int(P.DATA), int(P.WRITE_ACK)  # ints on the hot path
@@ -127,7 +129,8 @@ class Replicator:
             except OSError as exc:
                 req.err = nbd_error(exc)
                 if req.err != NbdErr.ENOTSUP:
-                    log.error("local %s at %d+%d failed: %s", kind, offset, length, exc)
+                    iolog.error("local I/O error", "local %s at %d+%d failed: %s", kind,
+                                offset, length, exc)
                 cb(req.err)  # nothing was written locally, so nothing goes to the peer
                 return
             if fua and kind != WRITE:  # FUA trim/zero: local durability too
@@ -166,7 +169,8 @@ class Replicator:
     def _async_written(self, key, req: Req, exc) -> None:
         del self.local_busy[key]
         if exc is not None:
-            log.error("local write at %d+%d failed: %s", req.offset, req.length, exc)
+            iolog.error("local I/O error", "local write at %d+%d failed: %s", req.offset,
+                        req.length, exc)
             self.node.mark_out_of_sync(req.offset, req.length)
         self._local_complete(req, exc)
         if self.waiting:
@@ -365,7 +369,8 @@ class Applier:
         if key is not None:
             del self.busy[key]
         if exc is not None:
-            log.error("applying write at %d+%d failed: %s", offset, size, exc)
+            iolog.error("apply I/O error", "applying write at %d+%d failed: %s", offset, size,
+                        exc)
             self._ack(link, P.NEG_ACK, pid, offset, getattr(exc, "errno", None) or 5)
         else:
             self.writes_applied += 1

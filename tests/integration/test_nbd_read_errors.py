@@ -11,6 +11,7 @@ exists. A second test uses an in-process backend whose reads are split into chun
 from __future__ import annotations
 
 import errno
+import time
 
 import pytest
 from support.helpers import require_tool, start_serve
@@ -172,3 +173,38 @@ def test_failed_read_split_into_chunks_sends_only_the_error(in_process_server, t
     res = run_libnbd(tmp_path, f"nbd://127.0.0.1:{port}/", SPARSE, timeout=30)
     assert res["errors"] == [errno.EIO] * 3, res
     assert res["after"]
+
+
+N_FAILING = 300
+
+
+def test_primary_write_errors_are_logged_at_a_bounded_rate(cluster):
+    """A Primary whose disk fails every write: 300 failing writes leave a few log lines
+    and a count, not one line each (whatever the node then does with the failure)."""
+    from support.faulttools import faulty_disk_for
+    from support.nbd_testlib import RawClient
+
+    require_tool(*TOOLS)
+    c = cluster(size="16M")
+    disk = faulty_disk_for(c, "alpha")
+    try:
+        c.up_pair("alpha")
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            assert nbd.write(0, b"\x11" * 4096) == 0
+            disk.inject("pwrite")
+            t0 = time.monotonic()
+            for i in range(N_FAILING):
+                nbd.write((i % 64) * 4096 + MiB, b"\x22" * 4096)
+            elapsed = time.monotonic() - t0
+            disk.heal()
+            nbd.disconnect()
+        text = c.log("alpha")
+        lines = [ln for ln in text.splitlines() if "write" in ln and "failed" in ln]
+        print(f"{N_FAILING} failing writes on the Primary in {elapsed:.1f} s: {len(lines)} "
+              f"log lines")
+        # at most 5 lines per 10 s per kind (the writes may also fail in other ways)
+        assert len(lines) <= 2 * 5 * (elapsed // 10 + 1), "\n".join(lines[:40])
+    finally:
+        c.stop_all()
+        disk.stop()
