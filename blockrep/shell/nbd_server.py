@@ -13,13 +13,7 @@ Reads and writes run inline, large ones too (page-cache I/O; measured faster tha
 to a thread even at 1 MiB); FLUSH runs in a thread so the loop keeps serving, which makes
 replies out of order. Read buffers of large reads come from a pool (see buffers.py).
 
-Bounds (nbd_limits.py, docs/nbd.md): a connection in the handshake has a small receive
-buffer (the 2 MiB ring comes with transmission), a deadline from accept, and a place among at
-most `max_handshakes` (the oldest is dropped for a newcomer). In transmission, requests in
-flight and write bytes in flight are counted with ints per connection and per server; over a
-limit, the connection stops parsing (what is in the ring stays there) and pauses reading from
-the socket until completions bring it back under. Only connections past the handshake are in
-`connections` (attached clients).
+Handshake, TLS and the bounds that pause a connection: nbd_session.py (docs/nbd.md).
 """
 
 from __future__ import annotations
@@ -101,6 +95,11 @@ class NbdServer:
         self.executor = executor or ThreadPoolExecutor(max_workers=4,
                                                        thread_name_prefix="blockrep-io")
 
+    def resume_throttled(self) -> None:
+        """Connections held by the per-server bound read again (each checks its own)."""
+        for conn in list(self.throttled):
+            conn._maybe_resume()
+
     async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(lambda: NbdConnection(self), host, port,
@@ -148,6 +147,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._node_max = lim.node_bytes
         self._read_batch = lim.read_batch
         self._lost = False
+        self._tls_pending = False  # STARTTLS acknowledged, TLS handshake running
         self._submit = server.submit
         self._complete_scheduled = False
         self.rules: RequestRules | None = None
@@ -459,8 +459,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             self._maybe_resume()
         srv = self.server
         if srv.throttled and srv.inflight_bytes * 4 < self._node_max * 3:
-            for conn in list(srv.throttled):
-                conn._maybe_resume()
+            srv.resume_throttled()
         if not self._inflight and len(self._pool) > POOL_KEEP:
             self._pool.trim(POOL_KEEP_BYTES)
 
@@ -469,6 +468,8 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._inflight += 1
         fut = self._loop.run_in_executor(self._executor, fn, *args)
         fut.add_done_callback(partial(self._async_done, cookie, cmd))
+        if self._inflight >= self._max_reqs:
+            self._hold()
 
     def _async_done(self, cookie, cmd, fut):
         self._inflight -= 1

@@ -7,6 +7,13 @@ transport when the handshake core asks for TLS (`loop.start_tls`), counting a co
 attached only once it is past the handshake, and holding/resuming a connection whose
 in-flight requests or bytes reached a limit (nbd_limits.py). Must not: parse NBD messages
 (blockrep.nbd does) or touch the disk.
+
+A connection in the handshake has a small receive buffer (the 2 MiB ring comes with
+transmission), a deadline from accept, and a place among at most `max_handshakes` (the oldest
+is dropped for a newcomer). In transmission, requests and write bytes in flight are counted
+with ints per connection and per server; over a limit the connection stops parsing (what is
+in the ring stays there) and pauses reading from the socket until completions bring it back
+under 3/4 of the limit. Only connections past the handshake are in `server.connections`.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class NbdSession:
         hs = server.handshaking
         if len(hs) >= self._limits.max_handshakes:
             oldest = next(iter(hs))
+            del hs[oldest]  # at once: connection_lost comes a loop step later
             server.handshakes_dropped += 1
             iolog.warning("NBD handshake limit", "%s: dropped: %d connections are in the "
                           "handshake (limit), this is the oldest", oldest.peer, len(hs))
@@ -55,6 +63,11 @@ class NbdSession:
         transport.write(self.hs.data_to_send())
 
     def connection_lost(self, exc):
+        self._forget()
+        self._wake_idle()
+
+    def _forget(self):
+        """Leave every count of the server (idempotent: connection_lost, failed TLS)."""
         server = self.server
         server.connections.discard(self)
         server.handshaking.pop(self, None)
@@ -65,9 +78,10 @@ class NbdSession:
         if self._wbytes:  # completions still due do not count twice (see _completed)
             server.inflight_bytes -= self._wbytes
             self._wbytes = 0
+            if server.throttled:  # they may have waited for these bytes only
+                self._loop.call_soon(server.resume_throttled)
         self._lost = True
         self._closing = True
-        self._wake_idle()
 
     def abort(self):
         self._closing = True
@@ -98,7 +112,11 @@ class NbdSession:
 
     def _maybe_resume(self):
         """Parse and read again once every bound is met (writes drained, budgets free)."""
-        if self._closing or self._paused_writing or self.hs is not None:
+        if self._closing or self._paused_writing:
+            return
+        if self.hs is not None:  # the handshake pauses only for a slow reader (or TLS)
+            if not self._tls_pending:
+                self.transport.resume_reading()
             return
         srv = self.server
         # resume at 3/4 of a limit, so a connection at its limit does not flap
@@ -134,6 +152,7 @@ class NbdSession:
                 self.transport.close()
                 return
             if isinstance(ev, StartTls):
+                self._tls_pending = True
                 self.transport.pause_reading()  # nothing more until the TLS handshake
                 asyncio.ensure_future(self._start_tls())
                 return
@@ -153,7 +172,9 @@ class NbdSession:
             iolog.warning("NBD TLS handshake", "%s: TLS handshake failed: %s", self.peer,
                           exc or type(exc).__name__)
             self.abort()
+            self._forget()
             return
+        self._tls_pending = False
         if tr is None or self.hs is None or self._closing:
             if tr is not None:
                 tr.abort()

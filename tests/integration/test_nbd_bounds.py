@@ -263,3 +263,4 @@ def test_replicated_writes_bounded_while_the_peer_is_stopped(cluster):
           f"{base} KiB before, peak {peak} KiB (+{peak - base} KiB) in the first 2.5 s")
     assert errs == [0] * n
     assert peak - base < 100 * 1024, (base, peak)  # 64 MiB in flight + one request
+

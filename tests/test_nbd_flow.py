@@ -1,0 +1,164 @@
+"""Flow control of an NBD connection, driven in-process with a fake transport: the bounds
+pause reading (and parsing) and completions resume it; nothing is lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from blockrep.nbd import proto
+from blockrep.nbd.constants import ClientFlag, NbdCmd, NbdOpt
+from blockrep.nbd.handshake import Export
+from blockrep.nbd.constants import TransmissionFlag as TF
+from blockrep.shell.nbd_limits import NbdLimits
+from blockrep.shell.nbd_server import NbdConnection, NbdServer
+
+
+class FakeTransport:
+    def __init__(self):
+        self.paused = False
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data):
+        self.out += data
+
+    def writelines(self, parts):
+        for p in parts:
+            self.out += p
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def is_closing(self):
+        return self.closed
+
+    def abort(self):
+        self.closed = True
+
+    close = abort
+
+
+@pytest.fixture
+def loop():
+    lp = asyncio.new_event_loop()
+    asyncio.set_event_loop(lp)
+    yield lp
+    asyncio.set_event_loop(None)
+    lp.close()
+
+
+def feed(conn, data: bytes):
+    """Deliver bytes as the transport would, while reading is not paused."""
+    pos = 0
+    while pos < len(data) and not conn.transport.paused:
+        buf = conn.get_buffer(-1)
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        conn.buffer_updated(n)
+        pos += n
+    return pos
+
+
+def attach(server, loop):
+    conn = NbdConnection(server)
+    tr = FakeTransport()
+    conn.connection_made(tr)
+    hello = (proto.encode_client_flags(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+             + proto.encode_option(NbdOpt.GO, proto.encode_info_request("", [])))
+    assert feed(conn, hello) == len(hello)
+    assert conn.hs is None and conn in server.connections
+    tr.out.clear()
+    return conn, tr
+
+
+def make_server(limits, pending):
+    export = Export("", 1 << 30, TF.HAS_FLAGS | TF.SEND_FLUSH)
+    return NbdServer(None, export, limits=limits,
+                     submit=lambda kind, off, n, data, flags, cb: pending.append(cb))
+
+
+def writes(n, size=4096, first_cookie=1):
+    return b"".join(proto.encode_request(NbdCmd.WRITE, 0, first_cookie + i, i * size, size)
+                    + bytes(size) for i in range(n))
+
+
+def replies(tr):
+    out = bytes(tr.out)
+    return [proto.decode_simple_reply(out[i:i + 16])[0] for i in range(0, len(out), 16)]
+
+
+def test_handshake_pause_for_a_slow_reader_resumes(loop):
+    server = make_server(NbdLimits(), [])
+    conn = NbdConnection(server)
+    tr = FakeTransport()
+    conn.connection_made(tr)
+    conn.pause_writing()
+    assert tr.paused
+    conn.resume_writing()
+    assert not tr.paused
+
+
+def test_requests_in_flight_per_connection(loop):
+    pending = []
+    server = make_server(NbdLimits(conn_requests=8), pending)
+    conn, tr = attach(server, loop)
+    data = writes(20)
+    sent = feed(conn, data)
+    assert len(pending) == 8 and tr.paused  # the rest waits in the ring or the socket
+    while len(replies(tr)) < 20:
+        if not tr.paused and sent < len(data):
+            sent += feed(conn, data[sent:])
+        for cb in pending[:]:
+            pending.remove(cb)
+            cb(0)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(pending) <= 8
+    assert sorted(c for _, c in replies(tr)) == list(range(1, 21))
+    assert server.inflight_bytes == 0
+
+
+def test_bytes_in_flight_per_server(loop):
+    pending = []
+    server = make_server(NbdLimits(node_bytes=64 * 1024), pending)
+    a, ta = attach(server, loop)
+    b, tb = attach(server, loop)
+    feed(a, writes(20, first_cookie=1))
+    assert ta.paused and server.inflight_bytes == 16 * 4096  # 4 wait in a's ring
+    feed(b, writes(10, first_cookie=100))
+    assert tb.paused and b in server.throttled and len(pending) == 17  # 9 wait in b's
+    for cb in pending[:12]:  # 5 left in flight: under 3/4 of the bound, both resume
+        cb(0)
+    del pending[:12]
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(pending) > 5 and server.inflight_bytes <= 64 * 1024 + 4096
+    while pending:
+        pending.pop(0)(0)
+        loop.run_until_complete(asyncio.sleep(0))
+    assert len(replies(ta)) == 20 and len(replies(tb)) == 10
+    assert not ta.paused and not tb.paused and not server.throttled
+    assert server.inflight_bytes == 0
+
+
+def test_lost_connection_frees_its_share(loop):
+    pending = []
+    server = make_server(NbdLimits(node_bytes=64 * 1024), pending)
+    a, ta = attach(server, loop)
+    b, tb = attach(server, loop)
+    feed(a, writes(16))
+    feed(b, writes(1, first_cookie=50))
+    assert tb.paused and b in server.throttled
+    a.connection_lost(None)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert server.inflight_bytes == 4096 and not tb.paused
+    for cb in pending:  # late completions of the lost connection count nothing twice
+        cb(0)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert server.inflight_bytes == 0
