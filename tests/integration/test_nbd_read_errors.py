@@ -132,14 +132,14 @@ def in_process_server():
 
     import uvloop
 
-    from blockrep.cli import make_export
+    from blockrep.nbd.handshake import make_export
     from blockrep.shell.nbd_server import NbdServer
 
     started = []
 
     def _serve(backend):
         loop = uvloop.new_event_loop()
-        server = NbdServer(backend, make_export("", backend.size, True, False))
+        server = NbdServer(backend, make_export("", backend.size, read_only=True))
         srv = loop.run_until_complete(server.listen_tcp("127.0.0.1", 0))
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
