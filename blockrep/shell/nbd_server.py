@@ -233,6 +233,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         dispatch = self._dispatch
         big = False
         produced = 0  # read reply bytes built in this pass
+        read_batch = self._read_batch
         while end - pos >= REQUEST_SIZE and not self._closing and not self._held:
             magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
             if magic != REQUEST_MAGIC:
@@ -291,7 +292,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                 self._reply_err(cookie, nbd_error(exc), cmd, str(exc))
             if cmd == 0:  # READ: bound what waits in memory for a slow reader
                 produced += length
-                if produced >= self._read_batch:
+                if produced >= read_batch:
                     produced = 0
                     self._flush_out()
                     if self._paused_writing:
