@@ -162,3 +162,21 @@ def test_lost_connection_frees_its_share(loop):
         cb(0)
     loop.run_until_complete(asyncio.sleep(0))
     assert server.inflight_bytes == 0
+
+
+def test_slow_reader_with_requests_in_flight_resumes(loop):
+    """The socket fills while many requests are in flight (under their bound): once the
+    client reads again and the requests complete, reading resumes."""
+    pending = []
+    server = make_server(NbdLimits(conn_requests=8), pending)
+    conn, tr = attach(server, loop)
+    feed(conn, writes(7))
+    assert len(pending) == 7 and not tr.paused
+    conn.pause_writing()
+    assert tr.paused
+    conn.resume_writing()  # 7 of 8 in flight: above 3/4, stays paused for now
+    for cb in pending:
+        cb(0)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert not tr.paused
+    assert feed(conn, writes(2, first_cookie=10)) > 0 and len(pending) == 9

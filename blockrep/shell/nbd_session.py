@@ -97,8 +97,9 @@ class NbdSession:
             self.abort()
 
     def pause_writing(self):
+        """The client does not read its replies: stop parsing and reading until it does."""
         self._paused_writing = True
-        self.transport.pause_reading()
+        self._hold()
 
     def resume_writing(self):
         self._paused_writing = False
@@ -116,6 +117,7 @@ class NbdSession:
             return
         if self.hs is not None:  # the handshake pauses only for a slow reader (or TLS)
             if not self._tls_pending:
+                self._held = False
                 self.transport.resume_reading()
             return
         srv = self.server
