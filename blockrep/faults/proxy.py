@@ -147,8 +147,8 @@ class _Conn:
                      for f in (pipe.pump_in, pipe.pump_out)]
             await asyncio.gather(*tasks)
             clean = True  # both directions ended with EOF and everything was delivered
-        except (OSError, asyncio.CancelledError):
-            pass
+        except (OSError, RuntimeError, asyncio.CancelledError):
+            pass  # RuntimeError: uvloop's write on a transport that a cut just closed
         finally:
             for t in tasks:
                 t.cancel()
