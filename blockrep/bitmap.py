@@ -3,16 +3,26 @@
 Owns: which blocks may differ between the nodes. A set bit means "may differ on the peer".
 Bits are set before anything that may differ can be forgotten, and cleared only when a
 block is known identical on both sides (resync landed, verify found it equal).
+Also owns which 4 KiB pages of the word array changed since they were last persisted
+(`dirty`, so only those are written), run finding with numpy in bounded windows (so a walk
+over a huge fragmented bitmap never holds the event loop for long), and the chunked,
+zlib-compressed form in which bitmaps travel on the link (`P_BITMAP`).
 Must not: do I/O (persistence lives in blockrep.meta).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 
 BLOCK_SHIFT = 12
 BLOCK = 1 << BLOCK_SHIFT
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+PAGE_WORDS = 512  # one 4 KiB page of the on-disk bitmap
+PAGE_SHIFT = 9
+RUN_WINDOW = 1 << 12  # words examined per step while finding runs (1 GiB of data)
+CHUNK_WORDS = 1 << 17  # words per P_BITMAP chunk before compression (1 MiB, 32 GiB of data)
 
 if hasattr(np, "bitwise_count"):
     def _popcount(words) -> int:
@@ -34,6 +44,8 @@ class Bitmap:
                 raise ValueError(f"bitmap has {len(words)} words, expected {nwords}")
             self.words = words.astype(np.uint64, copy=False)
         self.generation = 0  # bumped on every change; lets writers know what to persist
+        # pages of `words` changed since meta last wrote them (all: nothing written yet)
+        self.dirty = np.ones((nwords + PAGE_WORDS - 1) >> PAGE_SHIFT, dtype=bool)
 
     # -- bits --------------------------------------------------------------------------------
     def _apply(self, s: int, e: int, value: bool) -> None:
@@ -59,6 +71,11 @@ class Bitmap:
                 words[w0] &= ~np.uint64(lo)
                 words[w0 + 1:w1] = 0
                 words[w1] &= ~np.uint64(hi)
+        p0, p1 = w0 >> PAGE_SHIFT, w1 >> PAGE_SHIFT
+        if p0 == p1:
+            self.dirty[p0] = True
+        else:
+            self.dirty[p0:p1 + 1] = True
         self.generation += 1
 
     def set_range(self, offset: int, length: int) -> None:
@@ -80,6 +97,7 @@ class Bitmap:
 
     def clear_all(self) -> None:
         self.words[:] = 0
+        self.dirty[:] = True
         self.generation += 1
 
     def test(self, offset: int) -> bool:
@@ -97,47 +115,75 @@ class Bitmap:
 
     def __ior__(self, other: "Bitmap") -> "Bitmap":
         np.bitwise_or(self.words, other.words, out=self.words)
+        self.dirty[:] = True
         self.generation += 1
         return self
 
-    # -- runs --------------------------------------------------------------------------------
-    def runs(self, start_bit: int = 0, end_bit: int | None = None):
-        """Yield (first_bit, nbits) for every run of set bits within [start_bit, end_bit)."""
+    def take_dirty_pages(self) -> list[tuple[int, bytes]]:
+        """-> [(byte offset in the bitmap area, page bytes)] of every changed page, and
+        forget that they changed (the caller persists them). Consecutive pages come as one
+        piece. Words are stored little-endian."""
+        pages = np.flatnonzero(self.dirty)
+        if len(pages) == 0:
+            return []
+        self.dirty[pages] = False
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        out = []
+        raw = self.words.astype("<u8", copy=False)
+        for group in np.split(pages, breaks):
+            w0 = int(group[0]) << PAGE_SHIFT
+            w1 = min((int(group[-1]) + 1) << PAGE_SHIFT, len(raw))
+            out.append((w0 * 8, raw[w0:w1].tobytes()))
+        return out
+
+    # -- runs ----------------------------------------------------------------------------------
+    def runs(self, start_bit: int = 0, end_bit: int | None = None,
+             max_bits: int | None = None):
+        """Yield (first_bit, nbits) for every run of set bits within [start_bit, end_bit),
+        in order; with max_bits, runs longer than that come in pieces of max_bits. Each
+        step looks at RUN_WINDOW words with numpy, so a caller that yields to the event
+        loop between items never waits long for the next one."""
         end_bit = self.nbits if end_bit is None else min(end_bit, self.nbits)
         if start_bit >= end_bit:
             return
-        w0, w1 = start_bit >> 6, ((end_bit - 1) >> 6) + 1
-        nz = np.flatnonzero(self.words[w0:w1]) + w0
-        if len(nz) == 0:
-            return
-        # group consecutive non-zero words, unpack each group once
-        breaks = np.flatnonzero(np.diff(nz) != 1) + 1
-        run_start = None
-        run_end = None
-        for group in np.split(nz, breaks):
-            g0 = int(group[0])
-            bits = np.unpackbits(self.words[g0:int(group[-1]) + 1].view(np.uint8),
-                                 bitorder="little")
-            idx = np.flatnonzero(bits) + (g0 << 6)
-            idx = idx[(idx >= start_bit) & (idx < end_bit)]
-            if len(idx) == 0:
+        words = self.words
+        w, wend = start_bit >> 6, ((end_bit - 1) >> 6) + 1
+        run_s = run_e = -1
+        while w < wend:
+            w1 = min(w + RUN_WINDOW, wend)
+            seg = words[w:w1]
+            nz = np.flatnonzero(seg)
+            w0 = w
+            w = w1
+            if len(nz) == 0:
                 continue
-            gaps = np.flatnonzero(np.diff(idx) != 1)
-            starts = np.concatenate(([idx[0]], idx[gaps + 1]))
-            ends = np.concatenate((idx[gaps] + 1, [idx[-1] + 1]))
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                if run_end == s:  # continues the previous group's run
-                    run_end = e
+            bits = np.unpackbits(seg[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+            row, col = np.nonzero(bits)
+            idx = ((nz[row] + w0) << 6) + col
+            if idx[0] < start_bit or idx[-1] >= end_bit:
+                idx = idx[(idx >= start_bit) & (idx < end_bit)]
+                if len(idx) == 0:
                     continue
-                if run_start is not None:
-                    yield run_start, run_end - run_start
-                run_start, run_end = s, e
-        if run_start is not None:
-            yield run_start, run_end - run_start
+            gaps = np.flatnonzero(np.diff(idx) != 1)
+            starts = np.concatenate((idx[:1], idx[gaps + 1])).tolist()
+            ends = np.concatenate((idx[gaps] + 1, idx[-1:] + 1)).tolist()
+            for s, e in zip(starts, ends):
+                if run_e != s:  # not a continuation of the previous window's last run
+                    if run_s >= 0:
+                        yield run_s, run_e - run_s
+                    run_s = s
+                run_e = e
+                if max_bits:
+                    while run_e - run_s > max_bits:
+                        yield run_s, max_bits
+                        run_s += max_bits
+        if run_s >= 0:
+            yield run_s, run_e - run_s
 
     def byte_runs(self, max_len: int | None = None):
         """Yield (offset, length) byte ranges of dirty blocks, split at max_len."""
-        for s, n in self.runs():
+        max_bits = max_len // BLOCK if max_len and max_len % BLOCK == 0 else None
+        for s, n in self.runs(max_bits=max_bits):
             off = s << BLOCK_SHIFT
             end = min((s + n) << BLOCK_SHIFT, self.size)
             while off < end:
@@ -145,28 +191,37 @@ class Bitmap:
                 yield off, ln
                 off += ln
 
-    # -- compact form for the wire -----------------------------------------------------------
-    def to_rle(self) -> list[int]:
-        """Flat [start, count, start, count, ...] of set runs (msgpack-friendly)."""
-        out: list[int] = []
-        for s, n in self.runs():
-            out += (s, n)
-        return out
+    # -- chunked, compressed form for the wire (P_BITMAP) -----------------------------------
+    def encode_chunks(self, level: int = 1):
+        """Yield (first word, word count, zlib-compressed little-endian words) for every
+        CHUNK_WORDS-word chunk that has a bit set (clean chunks are not sent). Safe to run
+        in a thread while the loop changes bits: a chunk is a snapshot of its words."""
+        words = self.words
+        for w0 in range(0, len(words), CHUNK_WORDS):
+            seg = words[w0:w0 + CHUNK_WORDS]
+            if not seg.any():
+                continue
+            yield w0, len(seg), zlib.compress(seg.astype("<u8", copy=False).tobytes(), level)
 
-    @classmethod
-    def from_rle(cls, size_bytes: int, rle: list[int]) -> "Bitmap":
-        """ValueError for anything but a flat list of (start, count) integer pairs
-        inside the bitmap (the list comes from the peer)."""
-        bm = cls(size_bytes)
-        if not isinstance(rle, (list, tuple)):
-            raise ValueError(f"bitmap run list is a {type(rle).__name__}, not a list")
-        if len(rle) % 2:
-            raise ValueError("bitmap run list has an odd length")
-        for i in range(0, len(rle), 2):
-            s, n = rle[i], rle[i + 1]
-            if type(s) is not int or type(n) is not int:
-                raise ValueError(f"bitmap run {s!r:.20}+{n!r:.20} is not a pair of integers")
-            if s < 0 or n <= 0 or s + n > bm.nbits:
-                raise ValueError(f"bitmap run {s}+{n} outside {bm.nbits} bits")
-            bm._apply(s, s + n, True)
-        return bm
+    def or_chunk(self, w0: int, nwords: int, payload) -> int:
+        """Merge one received chunk (from encode_chunks) into this bitmap; -> how many bits
+        it set. ValueError if it does not fit this bitmap or does not decompress to exactly
+        nwords words."""
+        if w0 < 0 or nwords <= 0 or nwords > CHUNK_WORDS or w0 + nwords > len(self.words):
+            raise ValueError(f"bitmap chunk {w0}+{nwords} outside {len(self.words)} words")
+        d = zlib.decompressobj()
+        try:
+            raw = d.decompress(payload, nwords * 8)
+            if d.unconsumed_tail or d.unused_data or len(raw) != nwords * 8 or not d.eof:
+                raise ValueError("bitmap chunk does not hold exactly its word count")
+        except zlib.error as exc:
+            raise ValueError(f"bitmap chunk does not decompress: {exc}") from None
+        seg = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        if w0 + nwords == len(self.words) and self.nbits & 63:
+            seg[-1] &= np.uint64((1 << (self.nbits & 63)) - 1)  # no bits past the end
+        mine = self.words[w0:w0 + nwords]
+        before = _popcount(mine)
+        np.bitwise_or(mine, seg, out=mine)
+        self.dirty[w0 >> PAGE_SHIFT:((w0 + nwords - 1) >> PAGE_SHIFT) + 1] = True
+        self.generation += 1
+        return _popcount(mine) - before

@@ -14,7 +14,8 @@ CRC32C fails is corruption, and `open_store` refuses to start (never re-initiali
 An AL transaction is a full snapshot of the hot extents with a sequence number and CRC32C;
 the newest valid one wins (a torn transaction was never acted upon: data writes wait for
 its fdatasync). Bitmap bits set in memory reach the disk when an extent leaves the AL, on
-link loss, periodically during resync and on clean shutdown; after a crash every AL extent
+link loss, before a resync starts, periodically during resync and on clean shutdown (only
+the 4 KiB pages that changed); after a crash every AL extent
 counts as dirty, so the on-disk bitmap may lag safely.
 Must not: decide replication states (the node does); it only stores them.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import time
 from collections import OrderedDict
 
@@ -272,6 +274,7 @@ class MetaStore:
                                                  AL_SLOTS * AL_SLOT, self.bm_off)),
                               dtype="<u8")
         self.bitmap = Bitmap(self.data_size, words[:(Bitmap(self.data_size).words.size)].copy())
+        self.bitmap.dirty[:] = False  # what is on disk
         self.clean = bool(sb.flags & F_CLEAN)
         self.was_primary = bool(sb.flags & F_PRIMARY)
         self.crashed_primary = self.was_primary and not self.clean
@@ -287,7 +290,7 @@ class MetaStore:
         self.bitmap_writes = 0
         self._last_saved: tuple | None = None  # what save_state wrote last (skip repeats)
         self._last_bitmap_flush = time.monotonic()
-        self._bitmap_flushed_gen = self.bitmap.generation
+        self._bm_lock = threading.Lock()
         if read_only:
             return
         if not self.clean:
@@ -340,8 +343,10 @@ class MetaStore:
     def clean_shutdown(self, was_primary: bool) -> None:
         if self.read_only:
             return
-        raw = self.flush_bitmap(force=True)
-        self.sb.bitmap_crc = native.crc32c(raw)
+        self.flush_bitmap()
+        bm_area = self.sb.md_size - 2 * SB_SIZE - AL_SLOTS * AL_SLOT
+        raw = self.bitmap.words.astype("<u8", copy=False).tobytes()
+        self.sb.bitmap_crc = native.crc32c(raw + bytes(bm_area - len(raw)))
         self.sb.flags = (self.sb.flags | F_CLEAN | F_BITMAP_CRC) & ~F_PRIMARY
         if was_primary:
             self.sb.flags |= F_PRIMARY
@@ -400,33 +405,43 @@ class MetaStore:
         self._write_al()
 
     # -- bitmap ------------------------------------------------------------------------------
+    # Only pages that changed are written (Bitmap.dirty). Writes to the bitmap area are
+    # serialized by _bm_lock, so a page written from the loop never races an older copy of
+    # it written from an I/O thread.
     def _flush_bitmap_range(self, offset: int, length: int) -> None:
+        """Persist the bitmap pages that cover [offset, offset+length) now (AL eviction)."""
         w0 = (offset // BLOCK) // 64
         w1 = -(-((offset + length) // BLOCK) // 64)
         p0 = (w0 * 8) // 4096 * 4096
         p1 = min(_round_up(w1 * 8, 4096), self.bitmap.words.size * 8)
-        raw = self.bitmap.words.astype("<u8", copy=False).tobytes()[p0:p1]
+        raw = self.bitmap.words[p0 // 8:p1 // 8].astype("<u8", copy=False).tobytes()
         if raw:
-            native.pwritev(self.fd, [(self.bm_off + p0, raw)])
-            os.fdatasync(self.fd)
+            with self._bm_lock:
+                native.pwritev(self.fd, [(self.bm_off + p0, raw)])
+                os.fdatasync(self.fd)
             self.bitmap_writes += 1
 
-    def flush_bitmap(self, force: bool = False) -> bytes:
-        raw = self.bitmap.words.astype("<u8", copy=False).tobytes()
-        bm_area = self.sb.md_size - 2 * SB_SIZE - AL_SLOTS * AL_SLOT
-        raw = raw + bytes(bm_area - len(raw))
-        if force or self.bitmap.generation != self._bitmap_flushed_gen:
-            native.pwritev(self.fd, [(self.bm_off, raw)])
-            os.fdatasync(self.fd)
-            self._bitmap_flushed_gen = self.bitmap.generation
-            self._last_bitmap_flush = time.monotonic()
-            self.bitmap_writes += 1
-        return raw
+    def take_bitmap_pages(self) -> list[tuple[int, bytes]]:
+        """On the loop: snapshot the changed bitmap pages for write_bitmap_pages."""
+        self._last_bitmap_flush = time.monotonic()
+        return self.bitmap.take_dirty_pages()
 
-    def bitmap_changed(self) -> None:
-        """Bits were cleared (resync progress): persist now and then, lazily."""
-        if time.monotonic() - self._last_bitmap_flush > 2.0:
-            self.flush_bitmap()
+    def write_bitmap_pages(self, pages: list[tuple[int, bytes]]) -> None:
+        """Anywhere (an I/O thread): write a snapshot from take_bitmap_pages, fdatasync."""
+        if not pages or self.read_only:
+            return
+        with self._bm_lock:
+            native.pwritev(self.fd, [(self.bm_off + off, raw) for off, raw in pages])
+            os.fdatasync(self.fd)
+        self.bitmap_writes += 1
+
+    def flush_bitmap(self) -> None:
+        """Persist every changed bitmap page now (on the caller's thread)."""
+        self.write_bitmap_pages(self.take_bitmap_pages())
+
+    def bitmap_flush_due(self) -> bool:
+        """Bits were cleared (resync progress): persist them now and then, lazily."""
+        return time.monotonic() - self._last_bitmap_flush > 0.5 and self.bitmap.dirty.any()
 
     # -- misc --------------------------------------------------------------------------------
     def describe(self) -> dict:

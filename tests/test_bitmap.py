@@ -6,11 +6,14 @@ operation is mirrored on it and the two must agree bit for bit.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blockrep import bitmap
 from blockrep.bitmap import BLOCK, Bitmap
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -389,49 +392,96 @@ def test_byte_runs_cover_exactly_the_dirty_bytes(case, max_len):
     assert covered == bm.count_bytes()
 
 
-# -- RLE ---------------------------------------------------------------------------------------
+# -- P_BITMAP chunks ---------------------------------------------------------------------------
+
+def _round_trip(bm: Bitmap) -> Bitmap:
+    back = Bitmap(bm.size)
+    for w0, n, payload in bm.encode_chunks():
+        back.or_chunk(w0, n, payload)
+    return back
+
 
 @SETTINGS
 @given(random_bitmaps())
-def test_rle_round_trip(case):
+def test_chunks_round_trip(case):
     bm, bits = case
-    rle = bm.to_rle()
-    assert len(rle) % 2 == 0
-    assert all(type(v) is int for v in rle)  # msgpack-friendly plain ints
-    back = Bitmap.from_rle(bm.size, rle)
+    back = _round_trip(bm)
     assert bits_of(back) == bits
     assert np.array_equal(back.words, bm.words)
 
 
-def test_rle_example():
+def test_chunks_skip_clean_parts_and_merge_by_or():
+    size = 3 * bitmap.CHUNK_WORDS * 64 * BLOCK  # three chunks
+    bm = Bitmap(size)
+    assert list(bm.encode_chunks()) == []
+    bm.set_range(2 * bitmap.CHUNK_WORDS * 64 * BLOCK + 5 * BLOCK, BLOCK)
+    chunks = list(bm.encode_chunks())
+    assert [(w0, n) for w0, n, _ in chunks] == [(2 * bitmap.CHUNK_WORDS, bitmap.CHUNK_WORDS)]
+    assert len(chunks[0][2]) < 8192  # compressed (1 MiB of words)
+    other = Bitmap(size)
+    other.set_range(0, BLOCK)
+    assert other.or_chunk(*chunks[0]) == 1
+    assert set_bits(other) == {0, 2 * bitmap.CHUNK_WORDS * 64 + 5}
+
+
+def test_chunk_cannot_set_bits_past_the_end():
     bm = Bitmap(100 * BLOCK)
-    set_blocks(bm, [3, 4, 5, 70])
-    assert bm.to_rle() == [3, 3, 70, 1]
-    assert Bitmap(100 * BLOCK).to_rle() == []
+    payload = zlib.compress(b"\xff" * 16)
+    assert bm.or_chunk(0, 2, payload) == 100
+    assert bm.count() == 100
 
 
-def test_from_rle_rejects_odd_length():
-    with pytest.raises(ValueError, match="odd"):
-        Bitmap.from_rle(100 * BLOCK, [1, 2, 3])
-
-
-@pytest.mark.parametrize("rle", [
-    [0, 101],       # past the end
-    [100, 1],       # starts at nbits
-    [99, 2],
-    [-1, 2],        # negative start
-    [5, 0],         # empty run
-    [5, -3],
-    [0, 1, 200, 1],  # second run bad
+@pytest.mark.parametrize("w0,n,payload", [
+    (0, 3, zlib.compress(bytes(24))),        # more words than the bitmap has
+    (2, 1, zlib.compress(bytes(8))),         # starts past the end
+    (-1, 1, zlib.compress(bytes(8))),
+    (0, 0, zlib.compress(b"")),
+    (0, 2, zlib.compress(bytes(8))),         # too short
+    (0, 1, zlib.compress(bytes(16))),        # too long (a decompression bomb stops here)
+    (0, 1, b"not zlib at all"),
+    (0, 1, zlib.compress(bytes(8))[:-3]),    # truncated stream
+    (0, 1, zlib.compress(bytes(8)) + b"x"),  # trailing garbage
 ])
-def test_from_rle_rejects_out_of_range(rle):
-    with pytest.raises(ValueError, match="outside"):
-        Bitmap.from_rle(100 * BLOCK, rle)
+def test_bad_chunks_rejected(w0, n, payload):
+    bm = Bitmap(100 * BLOCK)
+    with pytest.raises(ValueError):
+        bm.or_chunk(w0, n, payload)
+    assert bm.count() == 0
 
 
-def test_from_rle_accepts_last_bit():
-    bm = Bitmap.from_rle(100 * BLOCK, [99, 1, 0, 1])
-    assert set_bits(bm) == {0, 99}
+# -- runs at scale, dirty pages ----------------------------------------------------------------
+
+def test_runs_merge_across_windows_and_split_at_max_bits():
+    nbits = 3 * bitmap.RUN_WINDOW * 64
+    bm = Bitmap(nbits * BLOCK)
+    a = bitmap.RUN_WINDOW * 64 - 10  # crosses the first window boundary
+    bm.set_range(a * BLOCK, 30 * BLOCK)
+    bm.set_range((nbits - 1) * BLOCK, BLOCK)
+    assert list(bm.runs()) == [(a, 30), (nbits - 1, 1)]
+    assert list(bm.runs(max_bits=8)) == [(a, 8), (a + 8, 8), (a + 16, 8), (a + 24, 6),
+                                         (nbits - 1, 1)]
+    assert list(bm.runs(a + 12, a + 14)) == [(a + 12, 2)]
+
+
+def test_full_bitmap_first_run_comes_without_scanning_everything():
+    bm = Bitmap(1 << 40)  # 1 TiB: 2**28 bits
+    bm.set_all()
+    it = bm.byte_runs(1 << 20)
+    assert next(it) == (0, 1 << 20)
+    assert next(it) == (1 << 20, 1 << 20)
+
+
+def test_dirty_pages_track_changes():
+    bm = Bitmap(4 * bitmap.PAGE_WORDS * 64 * BLOCK)  # four pages
+    assert len(bm.take_dirty_pages()) == 1  # new: everything, as one piece
+    assert bm.take_dirty_pages() == []
+    bm.set_range(2 * bitmap.PAGE_WORDS * 64 * BLOCK + BLOCK, BLOCK)
+    pages = bm.take_dirty_pages()
+    assert [(off, len(raw)) for off, raw in pages] == [(2 * 4096, 4096)]
+    assert np.frombuffer(pages[0][1], "<u8")[0] == 2
+    bm.clear_range(0, BLOCK)
+    bm.set_range(3 * bitmap.PAGE_WORDS * 64 * BLOCK, BLOCK)
+    assert [off for off, _ in bm.take_dirty_pages()] == [0, 3 * 4096]
 
 
 # -- union and generation ----------------------------------------------------------------------
@@ -477,7 +527,7 @@ def test_generation_unchanged_by_noops():
     list(bm.runs())
     bm.count()
     bm.count_bytes()
-    bm.to_rle()
+    list(bm.encode_chunks())
     bm.test(0)
     assert bm.generation == g
     assert set_bits(bm) == {0, 1, 2}

@@ -52,7 +52,7 @@ def _config_errors():
 
 
 def _bitmap_errors():
-    return (ValueError,)  # Bitmap.from_rle / Bitmap(words=...) document ValueError
+    return (ValueError,)  # Bitmap.or_chunk / Bitmap(words=...) document ValueError
 
 
 def _nothing():
@@ -243,7 +243,7 @@ def link_frame():
                                             "challenge": bytes(32), "size": 1 << 30})
              + proto.encode_control(P.AUTH, {"response": bytes(32)})
              + proto.pack_header(P.PING) + proto.data_header(P.DATA, 1, 0, data) + data,
-             proto.encode_control(P.STATE, {"role": "Primary", "bitmap": [0, 4]})
+             proto.encode_control(P.STATE, {"role": "Primary", "changes": 4})
              + proto.data_header(P.RS_DATA, 2, 4096, b"abc", 8) + b"abd"]
     return one, seeds
 
@@ -268,24 +268,25 @@ def link_control():
             pass
         else:
             check_gen(ps.gen)
-            assert ps.bitmap.nbits == size >> 12
+            assert 0 <= ps.changes <= size >> 12
         op = messages.control_op(body)
         if _CONTROL_OPS.get(op) is None:
             return
         if op == "state":
             messages.state_update(body)
         elif op == "sync-start":
-            total, csum = messages.sync_start(body)
+            total, csum, uuid = messages.sync_start(body)
             assert isinstance(total, int) and 0 <= total and isinstance(csum, bool)
+            assert 0 < uuid < 1 << 64
         elif op == "sync-done":
             check_gen(messages.sync_done(body))
 
     import msgpack
     pk = lambda b: msgpack.packb(b, use_bin_type=True)  # noqa: E731
     seeds = [pk({"role": "Primary", "disk": "UpToDate", "gen": [6, 4, [2]],
-                 "bitmap": [0, 5, 100, 7], "was_primary": True, "changes": 12}),
+                 "was_primary": True, "changes": 12}),
              pk({"op": "state", "role": "Secondary", "disk": "Outdated"}),
-             pk({"op": "sync-start", "total": 1 << 20, "csum": True}),
+             pk({"op": "sync-start", "total": 1 << 20, "csum": True, "uuid": 6}),
              pk({"op": "sync-done", "gen": [8, 0, [6, 4]]}),
              pk({"op": "verify", "action": "start"}), pk({"op": "renegotiate"})]
     return one, seeds
@@ -362,16 +363,17 @@ def meta_al():
     return one, seeds
 
 
-@target("bitmap", "bitmap run-length form (Bitmap.from_rle) and on-disk words",
-        _bitmap_errors)
+@target("bitmap", "bitmap chunks as a peer sends them (Bitmap.or_chunk, P_BITMAP) and "
+        "on-disk words", _bitmap_errors)
 def bitmap():
-    import msgpack
+    import zlib
+
     import numpy as np
 
     from blockrep.bitmap import Bitmap
 
     def one(data: bytes) -> None:
-        if len(data) < 4:
+        if len(data) < 12:
             return
         size = 1 + (struct.unpack_from("<I", data)[0] % (1 << 26))
         ctl = data[0]
@@ -379,23 +381,24 @@ def bitmap():
             raw = data[4:]
             words = np.frombuffer(raw[:len(raw) // 8 * 8], dtype="<u8")
             bm = Bitmap(size, words)
-        else:  # a run list as a peer sends it (anything msgpack can carry)
-            try:
-                rle = msgpack.unpackb(data[4:], raw=False, strict_map_key=False)
-            except Exception:
-                rle = list(struct.unpack_from(f"<{(len(data) - 4) // 8}q", data, 4))
-            bm = Bitmap.from_rle(size, rle)
-        runs = bm.to_rle()
-        again = Bitmap.from_rle(size, runs)
+        else:  # a P_BITMAP chunk: first word, word count, payload (zlib or garbage)
+            w0, n = struct.unpack_from("<ii", data, 4)
+            payload = data[12:]
+            if ctl & 2:
+                payload = zlib.compress(payload)
+            bm = Bitmap(size)
+            bm.or_chunk(w0, n, payload)
+        again = Bitmap(size)
+        for chunk in bm.encode_chunks():
+            again.or_chunk(*chunk)
         assert np.array_equal(again.words, bm.words) or ctl & 1  # words may have tail bits
-        assert sum(runs[1::2]) == again.count() <= again.nbits
+        assert again.count() <= again.nbits
         for off, ln in again.byte_runs(1 << 20):
             assert 0 <= off and off + ln <= size and 0 < ln <= 1 << 20
 
-    pk = lambda b: msgpack.packb(b)  # noqa: E731
-    seeds = [struct.pack("<I", 1 << 24) + pk([0, 1, 5, 10, 100, 3]),
-             struct.pack("<I", 4096 * 64 + 1) + np.arange(2, dtype="<u8").tobytes(),
-             struct.pack("<I", 1 << 20) + struct.pack("<4q", 0, 3, -1, 2)]
+    seeds = [struct.pack("<Iii", 1 << 24, 0, 2) + zlib.compress(b"\x0f" + bytes(15)),
+             b"\x02" + struct.pack("<I", 1 << 20)[1:] + struct.pack("<ii", 1, 1) + bytes(8),
+             struct.pack("<I", 4096 * 64 + 1) + np.arange(2, dtype="<u8").tobytes()]
     return one, seeds
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..bitmap import Bitmap
 from ..state import DiskState, Generation, Role
 from .proto import LinkProtocolError
 
@@ -20,15 +19,18 @@ class PeerState:
     role: Role
     disk: DiskState
     gen: Generation
-    bitmap: Bitmap
+    changes: int  # bits set in the peer's bitmap (the bitmap itself travels in P_BITMAP)
 
 
 def peer_state(body: dict, size: int) -> PeerState:
-    """P_STATE at connect: role, disk state, generation and out-of-sync bitmap."""
+    """P_STATE at connect: role, disk state, generation and how many bits are set."""
     try:
+        changes = body["changes"]
+        nbits = -(-size // 4096)
+        if type(changes) is not int or not 0 <= changes <= nbits:
+            raise ValueError(f"bad bit count {changes!r:.40} (the device has {nbits} blocks)")
         return PeerState(Role(body["role"]), DiskState(body["disk"]),
-                         Generation.from_wire(body["gen"]),
-                         Bitmap.from_rle(size, body.get("bitmap", [])))
+                         Generation.from_wire(body["gen"]), changes)
     except KeyError as exc:
         raise LinkProtocolError(f"malformed state from the peer: no {exc}") from None
     except ValueError as exc:
@@ -51,12 +53,15 @@ def control_op(body: dict) -> str:
     return op
 
 
-def sync_start(body: dict) -> tuple[int, bool]:
-    """CONTROL op=sync-start: bytes to copy, checksum mode."""
+def sync_start(body: dict) -> tuple[int, bool, int]:
+    """CONTROL op=sync-start: bytes to copy, checksum mode, the sync identifier."""
     total = body.get("total", 0)
     if type(total) is not int or not 0 <= total < 1 << 64:
         raise LinkProtocolError(f"sync-start: bad total {total!r:.40}")
-    return total, bool(body.get("csum"))
+    uuid = body.get("uuid")
+    if type(uuid) is not int or not 0 < uuid < 1 << 64:
+        raise LinkProtocolError(f"sync-start: bad sync identifier {uuid!r:.40}")
+    return total, bool(body.get("csum")), uuid
 
 
 def sync_done(body: dict) -> Generation:

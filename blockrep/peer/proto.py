@@ -21,12 +21,12 @@ import msgpack
 from .. import native
 
 MAGIC = 0x42524550  # "BREP"
-VERSION = 1
+VERSION = 2  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready
 FEATURES = 0  # feature bits, none yet
 HEADER = struct.Struct(">IHHQQIII")
 HEADER_SIZE = HEADER.size  # 36
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
-MAX_CONTROL = 64 * 1024 * 1024  # bitmaps of very large devices travel as control
+MAX_CONTROL = 64 * 1024 * 1024
 CHALLENGE_LEN = 32
 
 
@@ -42,6 +42,7 @@ class P(enum.IntEnum):
     NEG_ACK = 14
     BARRIER = 15
     BARRIER_ACK = 16
+    BITMAP = 17
     RS_REQUEST = 20
     RS_DATA = 21
     RS_ACK = 22
@@ -60,6 +61,7 @@ F_NO_HOLE = 1 << 1
 F_FLUSH = 1 << 2  # on BARRIER: flush the disk before acking
 F_ZERO = 1 << 3   # on RS_DATA: the block range is all zeroes, no payload
 F_PART = 1 << 4   # on RS_DATA: part of a checksum-mode request (answers an RS_REQUEST)
+F_LAST = 1 << 5   # on BITMAP: the sender's bitmap is complete (no payload)
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
 DATA_TYPES = frozenset({P.DATA, P.RS_DATA})

@@ -337,6 +337,7 @@ def status(node) -> dict:
         sync["window"] = node.resync_source.cur_window
     elif node.resync_target is not None:
         sync = node.resync_target.progress.as_dict(now)
+        sync["remaining_bytes"] = node.bitmap.count_bytes()  # the target's own record
     r, a = node.replicator, node.applier
     link = node.link
     d = node.decision
@@ -395,7 +396,9 @@ def format_status(s: dict) -> str:
         sy = s["sync"]
         eta = f" eta:{sy['eta_s']}s" if sy.get("eta_s") is not None else ""
         lines.append(f"    sync: {sy['percent']}% ({human(sy['done_bytes'])} of "
-                     f"{human(sy['total_bytes'])}) rate:{human(sy['rate_bytes_per_s'])}/s{eta}")
+                     f"{human(sy['total_bytes'])}) rate:{human(sy['rate_bytes_per_s'])}/s{eta}"
+                     + (f" left to copy:{human(sy['remaining_bytes'])}"
+                        if "remaining_bytes" in sy else ""))
     if s.get("decision"):
         lines.append(f"    last decision: {s['decision']['strategy']} "
                      f"(rule: {s['decision']['rule']})")

@@ -32,6 +32,8 @@ from .admin import AdminServer
 from .link import PeerLink
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
+from . import resync
+from .bitmap_io import BitmapExchange, BitmapWriter
 from .replication import Applier, Replicator
 from .resync import ResyncSource, ResyncTarget
 from .verify import Verifier
@@ -78,6 +80,8 @@ class Node:
         self.resync_source: ResyncSource | None = None
         self.resync_target: ResyncTarget | None = None
         self.resync_task: asyncio.Task | None = None
+        self.bitmap_writer = BitmapWriter(self)
+        self.bitmap_exchange: BitmapExchange | None = None
         self.last_sync: dict | None = None
         self.resync_differing_bytes = 0
         self.verifier = Verifier(self)
@@ -95,6 +99,7 @@ class Node:
             P.WRITE_ACK: self.replicator.on_write_ack,
             P.NEG_ACK: self.replicator.on_neg_ack,
             P.BARRIER_ACK: self.replicator.on_barrier_ack,
+            P.BITMAP: self._on_bitmap,
             P.RS_DATA: self._on_rs_data,
             P.RS_CSUM: self._on_rs_csum,
             P.RS_ACK: self._on_rs_ack,
@@ -154,6 +159,7 @@ class Node:
         log.info("shutting down")
         if self.nbd is not None:
             await self.nbd.close()
+        await self._settle_transfer_log()
         for t in self.tasks:
             t.cancel()
         if self.resync_task is not None:
@@ -173,6 +179,19 @@ class Node:
         self.executor.shutdown(wait=True)
         self.disk.close()
         log.info("down")
+
+    async def _settle_transfer_log(self) -> None:
+        """Clean stop of a connected Primary: end the epoch with a flushing barrier and
+        wait (at most `timeout`) for its ack, so the transfer log is empty and its writes
+        need not be marked out of sync when the link closes."""
+        r = self.replicator
+        link = self.replicating_link()
+        if link is None or not self.is_primary or not (r.tl or r.pending or r.epoch_writes):
+            return
+        r.close_epoch(link, flush=True)
+        deadline = self.loop.time() + self.cfg.timeout
+        while (r.tl or r.pending) and not link.closed and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def run_io(self, fn, done) -> None:
         """Run fn() in the I/O threads; call done(exc or None) back on the loop."""
@@ -259,7 +278,7 @@ class Node:
 
     def local_state(self) -> dict:
         return {"role": self.role.value, "disk": self.disk_state.value,
-                "gen": self.gen.to_wire(), "bitmap": self.bitmap.to_rle(),
+                "gen": self.gen.to_wire(),
                 "was_primary": self.was_primary_flag or self.is_primary,
                 "skip_initial_sync": self.skip_initial_sync,
                 "discard_my_data": self.discard_my_data,
@@ -285,13 +304,14 @@ class Node:
         except proto.LinkProtocolError as exc:
             link.refuse(str(exc))
             return
-        peer_role, peer_disk, peer_gen, peer_bits = ps.role, ps.disk, ps.gen, ps.bitmap
+        peer_role, peer_disk, peer_gen = ps.role, ps.disk, ps.gen
+        peer_bits = ps.changes  # how many bits; the bitmap itself follows if a resync needs it
         self.link = link
         self.set_connection(ConnState.CONNECTED)
         self.peer_role, self.peer_disk = peer_role, peer_disk
         self.last_error = ""
         d = st.decide(self.gen, peer_gen, my_bits=self.bitmap.count() > 0,
-                      peer_bits=peer_bits.count() > 0,
+                      peer_bits=peer_bits > 0,
                       i_was_primary=self.was_primary_flag or self.is_primary,
                       peer_was_primary=bool(body.get("was_primary")) or
                       peer_role == Role.PRIMARY,
@@ -299,7 +319,7 @@ class Node:
         d = st.resolve(d, st.Side(primary=self.is_primary, changes=self.bitmap.count(),
                                   skip_initial_sync=self.skip_initial_sync,
                                   discard_my_data=self.discard_my_data),
-                       st.Side(primary=peer_role == Role.PRIMARY, changes=peer_bits.count(),
+                       st.Side(primary=peer_role == Role.PRIMARY, changes=peer_bits,
                                skip_initial_sync=bool(body.get("skip_initial_sync")),
                                discard_my_data=bool(body.get("discard_my_data"))),
                        after_sb_0pri=self.cfg.after_sb_0pri,
@@ -342,18 +362,11 @@ class Node:
                 self.peer_disk = DiskState.UP_TO_DATE
             self.skip_initial_sync = False
         elif s in (Strategy.SOURCE, Strategy.SOURCE_FULL):
-            if s == Strategy.SOURCE_FULL:
-                self.bitmap.set_all()
-            else:
-                self.bitmap |= peer_bits
-            self.bitmap_changed()
-            self._start_resync_source(link, csum=d.checksum_resync)
+            resync.start_source(self, link, full=s == Strategy.SOURCE_FULL,
+                                csum=d.checksum_resync, peer_gen=peer_gen)
         elif s in (Strategy.TARGET, Strategy.TARGET_FULL):
-            self.set_replication(ReplState.SYNC_TARGET)
-            self.set_disk(DiskState.INCONSISTENT)
-            total = self.size if s == Strategy.TARGET_FULL else \
-                (Bitmap(self.size, self.bitmap.words.copy()).__ior__(peer_bits)).count_bytes()
-            self.resync_target = ResyncTarget(self, total, csum=False)
+            resync.start_target(self, link, full=s == Strategy.TARGET_FULL,
+                                total=self.size if s == Strategy.TARGET_FULL else 0)
         else:  # BOTH_NEW
             self.set_replication(ReplState.ESTABLISHED)
         self.discard_my_data = False
@@ -383,7 +396,11 @@ class Node:
         if self.resync_source is not None:
             self.resync_source.cancel()
             self.resync_source = None
+        if self.resync_task is not None:
+            self.resync_task.cancel()  # a bitmap exchange or a resync waiting to start
+            self.resync_task = None
         self.resync_target = None
+        self.bitmap_exchange = None
         self.replicator.drain_waiting()  # held-back writes now go local-only
         self.verifier.cancel("connection lost")
         self.replicator.link_lost()
@@ -423,6 +440,11 @@ class Node:
         if self.resync_source is not None:
             self.resync_source.on_rs_ack(link, *a)
 
+    def _on_bitmap(self, link, *a):
+        if self.bitmap_exchange is None:
+            raise proto.LinkProtocolError("bitmap chunk outside a bitmap exchange")
+        self.bitmap_exchange.on_chunk(link, *a)
+
     def _on_rs_request(self, link, *a):
         if self.resync_source is None:
             raise proto.LinkProtocolError("resync request while not sync source")
@@ -441,59 +463,23 @@ class Node:
         self.emit("peer-state", role=self.peer_role.value, disk=self.peer_disk.value)
 
     def _ctl_sync_start(self, link, body):
-        if self.resync_target is not None:
-            self.resync_target.progress.total, self.resync_target.csum = \
-                messages.sync_start(body)
+        if self.resync_target is None:
+            raise proto.LinkProtocolError("sync-start while not sync target")
+        self.resync_target.on_sync_start(body)
+
+    def _ctl_sync_ready(self, link, body):
+        src = self.resync_source
+        if src is None or src.ready.done():
+            raise proto.LinkProtocolError("sync-ready while no resync is starting")
+        src.ready.set_result(None)
 
     def _ctl_sync_done(self, link, body):
         if self.resync_target is None:
             raise proto.LinkProtocolError("sync-done while not sync target")
-        progress = self.resync_target.progress
-        self.gen.adopt(messages.sync_done(body))
-        self.bitmap.clear_all()
-        self.resync_target = None
-        self.set_replication(ReplState.ESTABLISHED)
-        self.set_disk(DiskState.UP_TO_DATE)
-        self.last_sync = {"role": "SyncTarget", **progress.as_dict(self.loop.time())}
-        log.info("resync finished as target: %s", self.last_sync)
-        self.emit("resync-finished", **self.last_sync)
-        self.persist()
-        self.send_state()
+        self.resync_target.on_sync_done(body)
 
     def _ctl_renegotiate(self, link, body):
         link.close("peer asked to renegotiate")
-
-    # -- resync ------------------------------------------------------------------------------
-    def _start_resync_source(self, link: PeerLink, csum: bool) -> None:
-        self.set_replication(ReplState.SYNC_SOURCE)
-        self.peer_disk = DiskState.INCONSISTENT
-        src = self.resync_source = ResyncSource(self, link, csum=csum)
-        link.send_control(P.CONTROL, {"op": "sync-start", "total": src.progress.total,
-                                      "csum": csum})
-        log.info("resync started as source: %d bytes to copy%s", src.progress.total,
-                 " (checksum mode)" if csum else "")
-        self.emit("resync-started", total_bytes=src.progress.total, csum=csum)
-        self.resync_task = self.loop.create_task(self._run_resync(src, link))
-
-    async def _run_resync(self, src: ResyncSource, link: PeerLink) -> None:
-        try:
-            ok = await src.run()
-        except Exception:
-            log.exception("resync failed")
-            link.abort("resync failed")
-            return
-        if not ok or link.closed or self.resync_source is not src:
-            return
-        self.resync_source = None
-        self.replicator.drain_waiting()
-        self.gen.sync_finished_as_source()
-        self.set_replication(ReplState.ESTABLISHED)
-        self.peer_disk = DiskState.UP_TO_DATE
-        link.send_control(P.CONTROL, {"op": "sync-done", "gen": self.gen.to_wire()})
-        self.last_sync = {"role": "SyncSource", **src.progress.as_dict(self.loop.time())}
-        log.info("resync finished as source: %s", self.last_sync)
-        self.emit("resync-finished", **self.last_sync)
-        self.persist()
 
     # -- hooks from the write paths ----------------------------------------------------------
     def mark_out_of_sync(self, offset: int, length: int) -> None:
@@ -502,8 +488,9 @@ class Node:
         self.bitmap.set_range(offset, length)
 
     def bitmap_changed(self) -> None:
-        if self.store is not None:
-            self.store.bitmap_changed()
+        """Bits were cleared (resync progress): persist them now and then, off the loop."""
+        if self.store is not None and self.store.bitmap_flush_due():
+            self.bitmap_writer.flush()
 
     def note_local_write(self, offset: int, length: int) -> None:
         """Before a local write as Primary: the activity log must cover its extents."""
@@ -571,6 +558,7 @@ class Node:
 _CONTROL_OPS = {
     "state": Node._ctl_state,
     "sync-start": Node._ctl_sync_start,
+    "sync-ready": Node._ctl_sync_ready,
     "sync-done": Node._ctl_sync_done,
     "renegotiate": Node._ctl_renegotiate,
     "verify": lambda node, link, body: node.verifier.on_control(link, body),

@@ -7,6 +7,17 @@ block and queues it on the link in one loop step, and an application write to th
 also written locally and queued in one step, so both disks see the two in the same order.
 Checksum mode (`csum=True`): the source sends only CRC32C per block first; the target
 compares with its own and asks for the data only where they differ.
+
+Crash safety (both sides keep a persistent record of what remains, so a kill of either
+resumes where it was): a bitmap-based resync starts with the bitmap exchange (both sides
+end with the union); a full sync is a bitmap with every bit set. The source then names the
+resync with a sync identifier (its generation's `bitmap` slot, DRBD's P_SYNC_UUID) after its
+bits are on disk; the target adopts it as its `current`, persists its own bits and says
+"sync-ready". After a restart of either side the rule "my bitmap equals the peer's
+current" picks the same direction, and the union of both persisted bitmaps is what is
+left. The target acknowledges a block only after the data disk was flushed (acks go in
+batches behind one fdatasync), clears its own bits only then, and persists UpToDate and
+the source's generation only after a final flush.
 """
 
 from __future__ import annotations
@@ -14,9 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .. import state as st
 from ..bitmap import BLOCK
-from ..peer import proto
+from ..peer import messages, proto
 from ..peer.proto import P
+from ..state import DiskState, ReplState
+from .bitmap_io import BitmapExchange
 from .buffers import BufferPool
 
 log = logging.getLogger("blockrep.resync")
@@ -73,6 +87,7 @@ class ResyncSource:
         self.progress = Progress(self.bitmap.count_bytes(), node.loop.time())
         self.cancelled = False
         self.pool = BufferPool()
+        self.ready = node.loop.create_future()  # the target persisted its record
 
     def cancel(self):
         self.cancelled = True
@@ -87,7 +102,7 @@ class ResyncSource:
         sent_for_rate = 0
         while True:
             busy = False
-            for off, ln in list(self.bitmap.byte_runs(CHUNK)):
+            for off, ln in self.bitmap.byte_runs(CHUNK):  # found window by window
                 while not self.cancelled and not link.closed and (
                         len(self.inflight) >= self._window() or link.congested):
                     self.wake.clear()
@@ -191,33 +206,102 @@ class ResyncSource:
 
 
 class ResyncTarget:
-    """Applies resync data in stream order; in checksum mode asks only for what differs."""
+    """Applies resync data in stream order; in checksum mode asks only for what differs.
+    Acks leave only after the data disk was flushed; the node's bitmap is the target's
+    own record of what remains (bits cleared when the acked data is durable)."""
 
-    def __init__(self, node, total: int, csum: bool):
+    def __init__(self, node, link, total: int):
         self.node = node
+        self.link = link
         self.disk = node.disk
-        self.csum = csum
+        self.csum = False
         self.progress = Progress(total, node.loop.time())
         self.partial: dict[int, int] = {}  # pid -> bytes still expected (checksum mode)
         self.partial_range: dict[int, tuple[int, int]] = {}  # pid -> the whole request
+        self.ready = False  # our record is on disk; the source may send data
+        self.unflushed: list[tuple[int, int, int]] = []  # written, not yet flushed
+        self.flushing = False
+        self.flushes = 0
 
+    # -- start and end -----------------------------------------------------------------------
+    def on_sync_start(self, body: dict) -> None:
+        """The source's bits are merged into ours (or all are set): adopt its sync
+        identifier, persist our record, then tell the source to send data."""
+        node = self.node
+        self.progress.total, self.csum, uuid = messages.sync_start(body)
+        node.bitmap_exchange = None
+        node.gen.current, node.gen.bitmap = uuid, 0
+        node.bitmap_writer.flush(lambda exc: self._record_persisted(exc))
+
+    def _record_persisted(self, exc) -> None:
+        if self.link.closed or self.node.resync_target is not self:
+            return
+        if exc is not None:
+            self.link.abort(f"persisting the resync record failed: {exc}")
+            return
+        self.node.persist()  # Inconsistent, current = the sync identifier
+        self.ready = True
+        self.link.send_control(P.CONTROL, {"op": "sync-ready"})
+
+    def on_sync_done(self, body: dict) -> None:
+        if not self.ready or self.unflushed or self.flushing or self.partial:
+            raise proto.LinkProtocolError("sync-done before every resync request was acked")
+        gen = messages.sync_done(body)
+        # replicated writes since the last barrier may sit in the page cache: UpToDate and
+        # the new generation reach the metadata only after the data disk is flushed
+        self.node.run_io(self.disk.flush, lambda exc: self._final_flushed(exc, gen))
+
+    def _final_flushed(self, exc, gen) -> None:
+        node = self.node
+        if self.link.closed or node.resync_target is not self:
+            return
+        if exc is not None:
+            self.link.abort(f"flush at the end of the resync failed: {exc}")
+            return
+        node.bitmap.clear_all()
+        node.bitmap_writer.flush(lambda exc: self._finished(exc, gen))
+
+    def _finished(self, exc, gen) -> None:
+        node = self.node
+        if self.link.closed or node.resync_target is not self:
+            return
+        if exc is not None:
+            self.link.abort(f"persisting the bitmap at the end of the resync failed: {exc}")
+            return
+        node.gen.adopt(gen)
+        node.resync_target = None
+        node.set_replication(ReplState.ESTABLISHED)
+        node.set_disk(DiskState.UP_TO_DATE)
+        node.last_sync = {"role": "SyncTarget", **self.progress.as_dict(node.loop.time()),
+                          "flushes": self.flushes}
+        log.info("resync finished as target: %s", node.last_sync)
+        node.emit("resync-finished", **node.last_sync)
+        node.persist()
+        node.send_state()
+
+    # -- data --------------------------------------------------------------------------------
     def on_rs_data(self, link, flags, pid, offset, size, crc, payload):
+        if not self.ready:
+            raise proto.LinkProtocolError("resync data before sync-ready")
         if offset + size > self.disk.size:
             raise proto.LinkProtocolError("resync data past the end of the disk")
         if flags & proto.F_ZERO:
-            self.disk.zero(offset, size, may_trim=True)
-        else:
-            if len(payload) != size or proto.native.crc32c(payload) != crc:
-                raise proto.LinkProtocolError(f"CRC32C mismatch in resync data at {offset}")
-            if size >= ASYNC_MIN and not flags & proto.F_PART:
-                # the source holds back application writes to this range until our ack,
-                # so writing it in a thread cannot reorder it against one
-                if link.owns(payload):  # a view of the receive ring, reused soon: copy
-                    payload = bytes(payload)
-                self.node.run_io(lambda: self.disk.write(offset, payload),
-                                 lambda exc: self._written(link, pid, offset, size, exc))
-                return
-            self.disk.write(offset, payload)
+            # zeroing may fall back to BLKZEROOUT or writing zeroes: never on the loop. The
+            # source holds back application writes to this range until our ack, so doing it
+            # in a thread cannot reorder it against one
+            disk = self.disk
+            self.node.run_io(lambda: disk.zero(offset, size, may_trim=True),
+                             lambda exc: self._written(link, pid, offset, size, exc))
+            return
+        if len(payload) != size or proto.native.crc32c(payload) != crc:
+            raise proto.LinkProtocolError(f"CRC32C mismatch in resync data at {offset}")
+        if size >= ASYNC_MIN and not flags & proto.F_PART:
+            if link.owns(payload):  # a view of the receive ring, reused soon: copy
+                payload = bytes(payload)
+            self.node.run_io(lambda: self.disk.write(offset, payload),
+                             lambda exc: self._written(link, pid, offset, size, exc))
+            return
+        self.disk.write(offset, payload)
         if flags & proto.F_PART:  # part of a checksum-mode request
             left = self.partial.get(pid, 0) - size
             if left > 0:
@@ -225,14 +309,16 @@ class ResyncTarget:
                 return
             self.partial.pop(pid, None)
             offset, size = self.partial_range.pop(pid)
-        self._ack(link, pid, offset, size)
+        self._landed(pid, offset, size)
 
     def on_rs_csum(self, link, flags, pid, offset, size, crc, payload):
+        if not self.ready:
+            raise proto.LinkProtocolError("resync checksums before sync-ready")
         if offset + size > self.disk.size or len(payload) != 4 * (-(-size // BLOCK)):
             raise proto.LinkProtocolError("malformed resync checksum request")
         mine = proto.native.crc32c_blocks(self.disk.read(offset, size), BLOCK)
         if mine == bytes(payload):
-            self._ack(link, pid, offset, size)
+            self._landed(pid, offset, size)  # equal, but maybe only in the page cache
             return
         # ask for each differing run of blocks
         want = 0
@@ -263,8 +349,121 @@ class ResyncTarget:
             link.abort(f"resync write failed: {exc}")
             return
         if not link.closed:
-            self._ack(link, pid, offset, size)
+            self._landed(pid, offset, size)
 
-    def _ack(self, link, pid, offset, size):
-        link.send(_HDR(_MAGIC, P.RS_ACK, 0, pid, offset, size, 0, 0))
-        self.progress.add(size, self.node.loop.time())
+    # -- durable acks ------------------------------------------------------------------------
+    def _landed(self, pid, offset, size) -> None:
+        """The request's data is written: ack it after the next flush."""
+        self.unflushed.append((pid, offset, size))
+        self._start_flush()
+
+    def _start_flush(self) -> None:
+        if self.flushing or not self.unflushed:
+            return
+        batch, self.unflushed = self.unflushed, []
+        self.flushing = True
+        self.node.run_io(self.disk.flush, lambda exc: self._flushed(batch, exc))
+
+    def _flushed(self, batch, exc) -> None:
+        self.flushing = False
+        link, node = self.link, self.node
+        if link.closed or node.resync_target is not self:
+            return
+        if exc is not None:
+            log.error("flush of resync data failed: %s", exc)
+            link.abort(f"resync flush failed: {exc}")
+            return
+        self.flushes += 1
+        now = node.loop.time()
+        bitmap = node.bitmap
+        for pid, offset, size in batch:
+            bitmap.clear_range(offset, size)
+            link.send(_HDR(_MAGIC, P.RS_ACK, 0, pid, offset, size, 0, 0))
+            self.progress.add(size, now)
+        node.bitmap_changed()
+        self._start_flush()
+
+
+# -- the resync's life on each side ------------------------------------------------------------
+
+def start_source(node, link, *, full: bool, csum: bool, peer_gen) -> None:
+    node.set_replication(ReplState.SYNC_SOURCE)
+    node.peer_disk = DiskState.INCONSISTENT
+    ex = None
+    if full:
+        node.bitmap.set_all()
+    else:  # before any packet after P_STATE is handled: the peer's chunks may follow it
+        ex = node.bitmap_exchange = BitmapExchange(node, link)
+    node.resync_task = node.loop.create_task(_run_source(node, link, ex, csum, peer_gen))
+
+
+async def _run_source(node, link, ex, csum: bool, peer_gen) -> None:
+    try:
+        if ex is not None:
+            if not await ex.run():
+                return
+            node.bitmap_exchange = None
+        gen = node.gen
+        if not gen.bitmap or gen.bitmap != peer_gen.current:
+            # name this resync: the target adopts the identifier as its current, so after
+            # a restart of either side the same direction is chosen and the bits resume
+            if gen.bitmap:
+                gen.history = [gen.bitmap] + [h for h in gen.history if h != gen.bitmap]
+                del gen.history[st.HISTORY_LEN:]
+            gen.bitmap = st.new_uuid()
+        await node.bitmap_writer.flushed()  # the bits it names are on disk first
+        if link.closed:
+            return
+        node.persist()
+        src = node.resync_source = ResyncSource(node, link, csum=csum)
+        link.send_control(P.CONTROL, {"op": "sync-start", "total": src.progress.total,
+                                      "csum": csum, "uuid": gen.bitmap})
+        log.info("resync started as source: %d bytes to copy%s", src.progress.total,
+                 " (checksum mode)" if csum else "")
+        node.emit("resync-started", total_bytes=src.progress.total, csum=csum)
+        await src.ready
+        ok = await src.run()
+    except asyncio.CancelledError:
+        return
+    except Exception:
+        log.exception("resync failed")
+        link.abort("resync failed")
+        return
+    if not ok or link.closed or node.resync_source is not src:
+        return
+    node.resync_source = None
+    node.replicator.drain_waiting()
+    node.gen.sync_finished_as_source()
+    node.set_replication(ReplState.ESTABLISHED)
+    node.peer_disk = DiskState.UP_TO_DATE
+    if node.disk_state == DiskState.OUTDATED:
+        # restarted as a Secondary (Outdated until a peer confirms), then connected and
+        # copied our data to the peer: both now hold the same, newest data
+        node.set_disk(DiskState.UP_TO_DATE)
+    link.send_control(P.CONTROL, {"op": "sync-done", "gen": node.gen.to_wire()})
+    node.last_sync = {"role": "SyncSource", **src.progress.as_dict(node.loop.time())}
+    log.info("resync finished as source: %s", node.last_sync)
+    node.emit("resync-finished", **node.last_sync)
+    node.persist()
+    node.send_state()
+
+
+def start_target(node, link, *, full: bool, total: int) -> None:
+    node.set_replication(ReplState.SYNC_TARGET)
+    node.set_disk(DiskState.INCONSISTENT)
+    node.resync_target = ResyncTarget(node, link, total)
+    if full:
+        node.bitmap.set_all()
+    else:
+        ex = node.bitmap_exchange = BitmapExchange(node, link)
+        node.resync_task = node.loop.create_task(_run_exchange(ex, link))
+
+
+async def _run_exchange(ex, link) -> None:
+    try:
+        await ex.run()
+    except asyncio.CancelledError:
+        return
+    except Exception:
+        log.exception("bitmap exchange failed")
+        link.abort("bitmap exchange failed")

@@ -19,7 +19,7 @@ SIZE = 1 << 30
 
 
 def good_state(**kw):
-    body = {"role": "Primary", "disk": "UpToDate", "gen": [6, 4, [2]], "bitmap": [0, 5, 9, 2]}
+    body = {"role": "Primary", "disk": "UpToDate", "gen": [6, 4, [2]], "changes": 7}
     body.update(kw)
     return body
 
@@ -27,12 +27,12 @@ def good_state(**kw):
 def test_valid_bodies():
     ps = messages.peer_state(good_state(), SIZE)
     assert (ps.role, ps.disk) == (Role.PRIMARY, DiskState.UP_TO_DATE)
-    assert ps.gen == Generation(6, 4, [2]) and ps.bitmap.count() == 7
+    assert ps.gen == Generation(6, 4, [2]) and ps.changes == 7
     assert messages.state_update({"role": "Secondary", "disk": "Outdated"}) == \
         (Role.SECONDARY, DiskState.OUTDATED)
     assert messages.control_op({"op": "sync-start"}) == "sync-start"
-    assert messages.sync_start({"total": 4096, "csum": True}) == (4096, True)
-    assert messages.sync_start({}) == (0, False)
+    assert messages.sync_start({"total": 4096, "csum": True, "uuid": 10}) == (4096, True, 10)
+    assert messages.sync_start({"uuid": 2}) == (0, False, 2)
     assert messages.sync_done({"gen": [8, 0, [6, 4]]}) == Generation(8, 0, [6, 4])
 
 
@@ -49,12 +49,11 @@ def test_bad_generation_is_a_protocol_error(gen):
         messages.peer_state(good_state(gen=gen), SIZE)
 
 
-@pytest.mark.parametrize("rle", [0, "abcd", [{}, 91, 10, 100], [0.5, 1], [float("inf"), 1],
-                                 [0, float("nan")], [True, 1], [-1, 2], [0, 0],
-                                 [0, SIZE], {"a": 1}, [[0], [1]]], ids=repr)
-def test_bad_bitmap_is_a_protocol_error(rle):
+@pytest.mark.parametrize("changes", ["abcd", [0, 5], 0.5, float("inf"), True, -1,
+                                     SIZE // 4096 + 1, None, {"a": 1}], ids=repr)
+def test_bad_bit_count_is_a_protocol_error(changes):
     with pytest.raises(LinkProtocolError):
-        messages.peer_state(good_state(bitmap=rle), SIZE)
+        messages.peer_state(good_state(changes=changes), SIZE)
 
 
 @pytest.mark.parametrize("body", [{}, {"role": "Primary"}, {"role": ["x"], "disk": "UpToDate"},
@@ -73,7 +72,13 @@ def test_missing_generation():
                          ids=repr)
 def test_bad_sync_start(total):
     with pytest.raises(LinkProtocolError):
-        messages.sync_start({"total": total})
+        messages.sync_start({"total": total, "uuid": 2})
+
+
+@pytest.mark.parametrize("uuid", [None, 0, -2, 1 << 64, 1.5, True, "2", [2]], ids=repr)
+def test_sync_start_needs_a_sync_identifier(uuid):
+    with pytest.raises(LinkProtocolError):
+        messages.sync_start({"total": 4096, "uuid": uuid})
 
 
 @pytest.mark.parametrize("op", [["state"], {"a": 1}, 7, None, b"state"], ids=repr)
@@ -88,8 +93,10 @@ def test_accepted_generation_is_storable():
     assert len(g.history) == 4
 
 
-def test_from_rle_documents_value_error_only():
-    for rle in (0, None, [{}, 1], [0.5, 1], ["0", "1"]):
+def test_or_chunk_documents_value_error_only():
+    import zlib
+    for args in ((0, 1, b"garbage"), (0, 1, zlib.compress(bytes(9))), (-1, 1, b""),
+                 (0, 1 << 30, b""), (0, 1, zlib.compress(bytes(8))[:-1])):
         with pytest.raises(ValueError):
-            Bitmap.from_rle(SIZE, rle)
-    assert Bitmap.from_rle(SIZE, (0, 2)).count() == 2
+            Bitmap(SIZE).or_chunk(*args)
+    assert Bitmap(SIZE).or_chunk(0, 1, zlib.compress(b"\x03" + bytes(7))) == 2
