@@ -99,3 +99,30 @@ def test_clean_stop_after_write_burst_keeps_no_bits(cluster, tmp_path):
     print(f"\nbits kept by the clean stop: {md['bitmap_set_bits']}")
     assert md["bitmap_set_bits"] == 0, md
     assert "clean" in md["flags"], md
+
+
+def test_split_brain_survivor_that_restarted_ends_uptodate(cluster):
+    """The node whose data survives a split brain was a Secondary and restarted (so it came
+    back Outdated): once the resync to the discarding node is done both are UpToDate."""
+    require_tool("qemu-io", "cmp")
+    c = cluster(size="64M")
+    c.up_pair()
+    for n in c.NODES:
+        c.cli(n, "disconnect")
+    c.cli("beta", "primary")
+    qemu_io(c.uri("alpha"), f"write -P 0xa7 0 {MiB}")
+    qemu_io(c.uri("beta"), f"write -P 0xb7 {2 * MiB} {MiB}")
+    for n in c.NODES:
+        c.cli(n, "secondary")
+    c.stop("alpha")
+    c.start("alpha")
+    assert c.status("alpha")["disk"] == "Outdated"
+    c.cli("alpha", "disconnect")  # StandAlone again after the restart, as before it
+    c.cli("beta", "connect", "--discard-my-data")
+    c.cli("alpha", "connect")
+    size = c.status("alpha")["size_bytes"]
+    a, b = _synced_pair(c, size)
+    assert a["decision"]["strategy"] == "sync-source", a["decision"]
+    assert "discard" in b["decision"]["rule"], b["decision"]
+    c.cli("alpha", "primary")  # the survivor is UpToDate: no --force
+    qemu_io(c.uri("alpha"), f"read -P 0xa7 0 {MiB}", f"read -P 0 {2 * MiB} {MiB}")
