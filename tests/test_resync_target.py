@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,6 +34,7 @@ class CrashDisk:
         self.data = bytearray(size)
         self.durable = bytearray(size)
         self.ops: list[str] = []
+        self.zero_threads: list[threading.Thread] = []
 
     def write(self, offset, data, fua=False):
         self.data[offset:offset + len(data)] = data
@@ -41,6 +43,7 @@ class CrashDisk:
     def zero(self, offset, length, **kw):
         self.data[offset:offset + length] = bytes(length)
         self.ops.append("zero")
+        self.zero_threads.append(threading.current_thread())
 
     def read(self, offset, length):
         return bytes(self.data[offset:offset + length])
@@ -110,6 +113,8 @@ class FakeNode:
     def persist(self):
         self.store.states.append((self.disk_state, self.gen.current, bytes(self.disk.durable)))
         self.disk.ops.append(f"sb:{self.disk_state.value}")
+
+    is_primary = False
 
     def set_disk(self, new):
         self.disk_state = new
@@ -263,3 +268,23 @@ def test_data_before_sync_ready_is_a_protocol_error(target):
     loop, node, link, tgt = target
     with pytest.raises(proto.LinkProtocolError, match="sync-ready"):
         _rs_data(tgt, link, 1, 0, b"x" * BLOCK)
+
+
+def test_zeroing_runs_off_the_event_loop(target):
+    """BLKZEROOUT or the zero-writing fallback can take seconds: resync zero markers and
+    large replicated WRITE_ZEROES are applied in the I/O threads."""
+    loop, node, link, tgt = target
+    from blockrep.shell.replication import Applier
+
+    async def scenario():
+        tgt.on_sync_start({"total": SIZE, "csum": False, "uuid": 0xABCD00})
+        await _until(lambda: link.controls, "sync-ready")
+        tgt.on_rs_data(link, proto.F_ZERO, 1, 0, MiB, 0, memoryview(b""))
+        await _until(lambda: any(s[0] == P.RS_ACK for s in link.sent), "the ack")
+        applier = Applier(node)
+        applier.on_zero(link, 0, 7, 2 * MiB, MiB, 0, memoryview(b""))
+        await _until(lambda: any(s[0] == P.WRITE_ACK for s in link.sent), "the write ack")
+
+    loop.run_until_complete(scenario())
+    assert len(node.disk.zero_threads) == 2
+    assert threading.main_thread() not in node.disk.zero_threads

@@ -110,13 +110,19 @@ class Replicator:
         req = Req(kind, offset, length, cb)
         node.note_local_write(offset, length)  # activity log first (may write metadata)
         fua = bool(flags & 1)
-        if kind == WRITE and length >= ASYNC_LOCAL:
-            # large write: the local part runs in a thread while the packet is on its way
+        if length >= ASYNC_LOCAL and (kind == WRITE or kind == ZERO and not flags & 16):
+            # large write, or zeroing that may fall back to BLKZEROOUT or writing zeroes:
+            # the local part runs in a thread while the packet is on its way
             key = self._busy_seq
             self._busy_seq += 1
             self.local_busy[key] = (offset, offset + length)
-            node.run_io(lambda: self.disk.write(offset, data, fua),
-                        lambda exc: self._async_written(key, req, exc))
+            disk = self.disk
+            if kind == WRITE:
+                fn = lambda: disk.write(offset, data, fua)  # noqa: E731
+            else:
+                fn = lambda: disk.zero(offset, length, may_trim=not flags & 2,  # noqa: E731
+                                       fua=fua)
+            node.run_io(fn, lambda exc: self._async_written(key, req, exc))
         else:
             try:
                 if kind == WRITE:
@@ -344,14 +350,20 @@ class Applier:
             else:
                 self._ack(link, P.BARRIER_ACK, pid)
             return
-        if ptype == P.DATA and size >= ASYNC_LOCAL:
-            if link.owns(payload):
-                payload = bytes(payload)
+        if size >= ASYNC_LOCAL and (ptype == P.DATA or ptype == P.ZERO):
+            # large writes and zeroing (BLKZEROOUT, writing zeroes) off the loop
+            if ptype == P.DATA:
+                if link.owns(payload):
+                    payload = bytes(payload)
+                fn = lambda: disk.write(offset, payload)  # noqa: E731
+            else:
+                fn = lambda: disk.zero(offset, size,  # noqa: E731
+                                       may_trim=not flags & proto.F_NO_HOLE)
             key = self._busy_seq
             self._busy_seq += 1
             self.busy[key] = (offset, offset + size)
-            self.node.run_io(lambda: disk.write(offset, payload),
-                             lambda exc: self._written(key, link, pid, flags, offset, size, exc))
+            self.node.run_io(fn, lambda exc: self._written(key, link, pid, flags, offset, size,
+                                                           exc))
             return
         try:
             if ptype == P.DATA:
