@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import signal
 
-from helpers import require_tool
-from repltools import MiB, cmp_data, fio, qemu_io
+from support.helpers import require_tool
+from support.repltools import MiB, cmp_data, fio, qemu_io
 
 RATE = "40M"  # a 256 MiB full sync takes ~6 s: time to kill a node in the middle
 
