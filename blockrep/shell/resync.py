@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from .. import state as st
 from ..bitmap import BLOCK
@@ -49,13 +50,13 @@ class Progress:
         self.done = 0
         self.started = now
         self.sent_bytes = 0  # payload bytes actually put on the wire
-        self.samples: list[tuple[float, int]] = [(now, 0)]
+        self.samples: deque[tuple[float, int]] = deque([(now, 0)])
 
     def add(self, n: int, now: float) -> None:
         self.done += n
         self.samples.append((now, self.done))
         while len(self.samples) > 2 and now - self.samples[0][0] > 5.0:
-            self.samples.pop(0)
+            self.samples.popleft()  # O(1): thousands of acks a second land here
 
     def rate(self, now: float) -> float:
         t0, d0 = self.samples[0]
