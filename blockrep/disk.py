@@ -199,7 +199,7 @@ class Disk:
                     raise
         else:
             try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     raise
@@ -216,7 +216,7 @@ class Disk:
         modes.append(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
         for mode in modes:
             try:
-                fallocate(self.fd, mode, offset, length)
+                self._fallocate(mode, offset, length)
                 break
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL):
@@ -230,6 +230,9 @@ class Disk:
                 self._write_zeroes(offset, length)
         if fua:
             os.fdatasync(self.fd)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        fallocate(self.fd, mode, offset, length)
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         chunk = bytes(min(length, 1 << 20))

@@ -369,25 +369,42 @@ class MetaStore:
         os.fdatasync(self.fd)
         self.al_writes += 1
 
-    def activity(self, offset: int, length: int, epoch: int, oldest_unacked: int) -> None:
-        """Called before a local write: its extents must be in the on-disk AL first."""
+    def activity(self, offset: int, length: int, epoch: int, oldest_unacked: int,
+                 in_flight=None) -> None:
+        """Called before a local write: its extents must be in the on-disk AL first.
+        `in_flight` (a RangeSet of local writes still running) keeps their extents in the
+        log. If the transaction cannot be written (OSError, re-raised) the in-memory log is
+        left as it was, never ahead of the disk."""
         first = offset // AL_EXTENT
         last = (offset + length - 1) // AL_EXTENT
         al = self.al
-        new = False
+        added = []
         for ext in range(first, last + 1):
             if ext in al:
                 al[ext] = epoch
                 al.move_to_end(ext)
             else:
                 al[ext] = epoch
-                new = True
-        if not new:
+                added.append(ext)
+        if not added:
             return
-        # evict cold extents whose writes the peer has durably acknowledged
+        try:
+            self._make_room(first, last, oldest_unacked, in_flight)
+            self._write_al()
+        except OSError:
+            for ext in added:  # they never reached the disk
+                al.pop(ext, None)
+            raise
+
+    def _make_room(self, first: int, last: int, oldest_unacked: int, in_flight) -> None:
+        al = self.al
+        # evict cold extents whose writes the peer has durably acknowledged and whose local
+        # writes have all completed
         while len(al) > self.al_limit:
             victim = next((e for e, ep in al.items()
-                           if ep < oldest_unacked and not first <= e <= last), None)
+                           if ep < oldest_unacked and not first <= e <= last and
+                           not (in_flight and in_flight.overlaps(e * AL_EXTENT, AL_EXTENT))),
+                          None)
             if victim is None:
                 break  # soft limit: everything is busy
             self._flush_bitmap_range(victim * AL_EXTENT, AL_EXTENT)
@@ -402,7 +419,6 @@ class MetaStore:
             self.bitmap.set_range(victim * AL_EXTENT, AL_EXTENT)
             self._flush_bitmap_range(victim * AL_EXTENT, AL_EXTENT)
             del al[victim]
-        self._write_al()
 
     # -- bitmap ------------------------------------------------------------------------------
     # Only pages that changed are written (Bitmap.dirty). Writes to the bitmap area are

@@ -31,6 +31,11 @@ _ERRNO_MAP = {
 }
 
 
+def nbd_errno(err: int) -> int:
+    """The NBD error for an errno reported by a target (EIO for anything unmapped)."""
+    return _ERRNO_MAP.get(err, NbdErr.EIO)
+
+
 def nbd_error(exc: BaseException) -> int:
     """The NBD error for an exception raised while executing a request (EIO by default)."""
     if isinstance(exc, OSError) and exc.errno is not None:

@@ -226,10 +226,12 @@ class AdminServer:
 
 # -- operator commands --------------------------------------------------------------------------
 
-def cmd_primary(node, force: bool = False, skip_initial_sync: bool = False) -> str:
+def cmd_primary(node, force: bool = False, skip_initial_sync: bool = False):
     done = _check("primary", st.check_promote(node.facts(), force=bool(force)))
     if done:
         return done
+    if not node.applier.idle:  # writes of a gone link still landing here: let them first
+        return _primary_when_idle(node, force, skip_initial_sync)
     renegotiate = False
     if node.disk_state != DiskState.UP_TO_DATE:  # --force
         log.warning("forced promotion: declaring the local data UpToDate")
@@ -253,6 +255,11 @@ def cmd_primary(node, force: bool = False, skip_initial_sync: bool = False) -> s
     else:
         node.send_state()
     return "Primary"
+
+
+async def _primary_when_idle(node, force, skip_initial_sync) -> str:
+    await node.applier.wait_idle()
+    return cmd_primary(node, force=force, skip_initial_sync=skip_initial_sync)
 
 
 def cmd_secondary(node) -> str:

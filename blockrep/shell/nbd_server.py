@@ -40,10 +40,10 @@ from ..nbd.constants import (
     StateFlag,
 )
 from ..nbd.handshake import Export, HandshakeServer
-from ..nbd.transmission import RequestRules, nbd_error
+from ..nbd.transmission import RequestRules, nbd_errno, nbd_error
+from .target import FLUSH, TRIM, WRITE, ZERO  # the neutral request kinds
 
 
-WRITE, TRIM, ZERO, FLUSH = "write", "trim", "zero", "flush"  # kinds for `submit`
 
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024
@@ -431,12 +431,18 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._wbytes += n
         srv = self.server
         srv.inflight_bytes += n
-        self._submit(kind, offset, length, data, flags, partial(self._completed, cookie, n))
+        # the neutral form (shell/target.py): no NBD flag bits beyond this point
+        self._submit(kind, offset, length, data, flags & _FUA, not flags & _NO_HOLE,
+                     flags & _FAST_ZERO, self._completed_cb, (cookie, n))
         if self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:
             self._hold()
         elif srv.inflight_bytes >= self._node_max:
             srv.throttled.add(self)
             self._hold()
+
+    def _completed_cb(self, key, err):
+        """A target's answer: errno (0 = done) for the request `key` = (cookie, bytes)."""
+        self._completed(key[0], key[1], err and nbd_errno(err))
 
     def _completed(self, cookie, n, err):
         self._inflight -= 1

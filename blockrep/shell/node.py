@@ -75,8 +75,8 @@ class Node:
         self.link: PeerLink | None = None
         self.handshaking: set[PeerLink] = set()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
-        self.replicator = Replicator(self)
         self.applier = Applier(self)
+        self.replicator = Replicator(self)
         self.resync_source: ResyncSource | None = None
         self.resync_target: ResyncTarget | None = None
         self.resync_task: asyncio.Task | None = None
@@ -385,6 +385,7 @@ class Node:
 
     def on_link_lost(self, link: PeerLink, reason: str) -> None:
         self.handshaking.discard(link)
+        self.applier.link_lost(link)  # what it queued here is never applied
         if link is not self.link:
             return
         self.link = None
@@ -406,9 +407,12 @@ class Node:
         self.replicator.link_lost()
         if self.is_primary and was != ReplState.OFF:
             self.gen.start_new_data()
-        if self.store is not None:
-            self.store.flush_bitmap()  # bits set for unacknowledged writes must survive
-        self.persist()
+        try:
+            if self.store is not None:
+                self.store.flush_bitmap()  # bits set for unacknowledged writes must survive
+            self.persist()
+        except OSError as exc:  # the bits stay set in memory; the activity log covers them
+            log.error("metadata write after losing the peer failed: %s", exc)
         log.warning("lost peer %s: %s (out of sync: %d bytes)", self.peer_cfg.name, reason,
                     self.bitmap.count_bytes())
         self.emit("disconnected", reason=reason, out_of_sync_bytes=self.bitmap.count_bytes())
@@ -426,15 +430,20 @@ class Node:
             self.set_connection(ConnState.STANDALONE)
         link.close(reason)
 
-    def _on_rs_data(self, link, *a):
+    def _on_rs_data(self, link, flags, pid, offset, size, crc, payload):
         if self.resync_target is None:
             raise proto.LinkProtocolError("resync data while not sync target")
-        self.resync_target.on_rs_data(link, *a)
+        # after writes of an earlier link still landing here (the applier's order)
+        self.applier.ordered(link, offset, size, payload, lambda p: self.resync_target
+                             and self.resync_target.on_rs_data(link, flags, pid, offset, size,
+                                                               crc, p))
 
-    def _on_rs_csum(self, link, *a):
+    def _on_rs_csum(self, link, flags, pid, offset, size, crc, payload):
         if self.resync_target is None:
             raise proto.LinkProtocolError("resync checksums while not sync target")
-        self.resync_target.on_rs_csum(link, *a)
+        self.applier.ordered(link, offset, size, payload, lambda p: self.resync_target
+                             and self.resync_target.on_rs_csum(link, flags, pid, offset, size,
+                                                               crc, p))
 
     def _on_rs_ack(self, link, *a):
         if self.resync_source is not None:
@@ -496,11 +505,9 @@ class Node:
         """Before a local write as Primary: the activity log must cover its extents."""
         if self.store is not None:
             r = self.replicator
-            if r.tl:
-                oldest = min(r.tl)
-            else:
-                oldest = r.epoch if self.replicating_link() is not None else 1 << 62
-            self.store.activity(offset, length, r.epoch, oldest)
+            tl = r.log
+            oldest = tl.oldest_unacked_epoch(self.replicating_link() is not None)
+            self.store.activity(offset, length, tl.epoch, oldest, r.local_busy)
 
     # -- state setters: each logs the change once and emits one event -----------------------
     def set_role(self, new: Role) -> None:

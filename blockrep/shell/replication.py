@@ -1,27 +1,33 @@
 """The replicated write path (primary side) and the apply path (secondary side).
 
-Owns, on the primary: request ids, the transfer log (which writes the peer may not have on
-stable storage yet, per epoch), barriers, and completing client requests only when protocol
-C's promise holds. On the secondary: applying the stream in order, acks, barrier flushes.
+Owns, on the primary: running each request's local part and sending its packet, feeding
+every event on it to the request core (blockrep.peer.requests: the transfer log and the one
+function that decides when a request completes and what is marked out of sync). On the
+secondary: applying the stream in order, acks, barrier flushes.
 
-Ordering (invariant 2): the primary performs each local write inline, in the same loop step
-in which it queues the packet for the peer, and the secondary applies packets in stream
-order; so overlapping writes land in the same order on both disks without a lock.
+Ordering (invariant 2): the primary performs each small local write inline, in the same
+loop step in which it queues the packet for the peer, and the secondary applies packets in
+stream order. A large write runs in the I/O threads on either node; until it has landed, a
+later overlapping request waits (primary: `waiting`, secondary: the applier's FIFO), so
+overlapping writes land in the same order on both disks.
 Invariant 3: on link loss every range in the transfer log is set in the bitmap before any
-pending request is completed.
+pending request is completed (TransferLog.link_lost). Nothing a gone link queued on the
+secondary is applied after the link is gone (Applier.link_lost).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 from collections import deque
 
-from ..nbd.constants import NbdErr
-from ..nbd.transmission import nbd_error
 from ..peer import proto
 from ..peer.proto import P
+from ..peer.requests import (FLUSH, KIND_NAMES, LINK_LOST, LOCAL_DONE, NEG_ACK, NO_PEER,
+                             NOT_WRITTEN, PEER_ACK, TRIM, WRITE, ZERO, RangeSet, Req,
+                             TransferLog)
 
-from .nbd_server import FLUSH, TRIM, WRITE, ZERO  # request kinds from the NBD frontend
 from .ratelog import RateLimitedLog
 
 log = logging.getLogger("blockrep.repl")
@@ -29,147 +35,164 @@ iolog = RateLimitedLog(log)  # a failing disk fails every write: a few lines and
 
 ASYNC_LOCAL = 256 * 1024  # writes this large are written locally in the I/O threads
 _P_DATA, _P_WRITE_ACK = int(P.DATA), int(P.WRITE_ACK)  # ints on the hot path
-_KIND_PACKET = {WRITE: P.DATA, TRIM: P.TRIM, ZERO: P.ZERO}
+_P_BARRIER, _P_TRIM, _P_ZERO = int(P.BARRIER), int(P.TRIM), int(P.ZERO)
+_F_FUA, _F_NO_HOLE, _F_FLUSH = proto.F_FUA, proto.F_NO_HOLE, proto.F_FLUSH
 _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
 _crc = proto.native.crc32c
+_EIO = errno.EIO
+
+__all__ = ["Replicator", "Applier", "ASYNC_LOCAL", "LINK_LOST"]
 
 
-class Req:
-    __slots__ = ("kind", "offset", "length", "cb", "local_done", "peer_done", "err")
-
-    def __init__(self, kind, offset, length, cb):
-        self.kind = kind
-        self.offset = offset
-        self.length = length
-        self.cb = cb
-        self.local_done = False
-        self.peer_done = False
-        self.err = 0
+def _errno(exc) -> int:
+    if exc is None:
+        return 0
+    return getattr(exc, "errno", None) or _EIO
 
 
 class Replicator:
-    """Primary side. The NBD frontend calls `submit`; the node feeds acks and losses."""
+    """Primary side, the Target of a replicated resource: the NBD front end calls `submit`;
+    the node feeds acks and losses."""
+
+    holds_data = True  # the payload is kept after submit returns (queued on the link)
 
     def __init__(self, node):
         self.node = node
         self.disk = node.disk
-        self.next_id = 1
-        self.pending: dict[int, Req] = {}
-        self.epoch = 1
-        self.epoch_writes = 0
-        self.tl: dict[int, list] = {}  # epoch -> flat [offset, length, ...] sent to the peer
-        self.barrier_waiters: dict[int, list[Req]] = {}
-        self.barrier_sent_at: dict[int, float] = {}
+        self.log = TransferLog(node.mark_out_of_sync)
+        self._mod = self.log.mod
+        self._pending_pop = self.log.pending.pop
         self.writes_replicated = 0
         self.bytes_replicated = 0
         self.writes_local_only = 0
         self.waiting: deque = deque()  # writes held back by a conflict (see submit)
-        self.local_busy: dict[int, tuple[int, int]] = {}  # local writes running in threads
-        self._busy_seq = 0
+        self.local_busy = RangeSet()  # local writes running in threads
+        self.applier_busy = node.applier.busy  # writes of a gone link still landing here
+        self._landed: list[asyncio.Future] = []  # wait_landed() callers
 
-    # -- frontend entry ----------------------------------------------------------------------
-    def submit(self, kind, offset, length, data, flags, cb) -> None:
+    @property
+    def pending(self) -> dict:
+        return self.log.pending
+
+    # -- the Target interface ----------------------------------------------------------------
+    def submit(self, kind, offset, length, data, fua, may_trim, fast_zero, cb, cookie):
+        """Start a request; `cb(cookie, err)` is called when protocol C's promise holds (or
+        with the errno). Returns None: the answer always comes through `cb`."""
+        req = Req(kind, offset, length, cb, cookie)
         if kind == FLUSH:
-            self._flush(Req(kind, offset, length, cb))
-            return
+            self._flush(req)
+            return None
         if self.waiting or self._conflicts(offset, length):
             # an overlapping write is still being written locally in a thread, or a resync
             # request for this range is in flight: wait, so both disks see one order and
             # resync data never overtakes a newer application write on the target
-            self.waiting.append((kind, offset, length, data, flags, cb))
-            return
-        self._start(kind, offset, length, data, flags, cb)
+            self.waiting.append((req, data, fua, may_trim, fast_zero))
+            return None
+        self._start(req, data, fua, may_trim, fast_zero)
+        return None
 
-    def local_overlaps(self, offset: int, length: int) -> bool:
-        """Is a local write to this range running in a thread right now?"""
-        end = offset + length
-        for s, e in self.local_busy.values():
-            if s < end and offset < e:
-                return True
-        return False
+    def landing(self, offset: int, length: int) -> bool:
+        """Is a write to this range still landing on the local disk (in a thread)?"""
+        return bool(self.local_busy and self.local_busy.overlaps(offset, length) or
+                    self.applier_busy and self.applier_busy.overlaps(offset, length))
+
+    async def wait_landed(self, offset: int, length: int) -> None:
+        """Return once no write to this range is landing locally."""
+        while self.landing(offset, length):
+            fut = self.node.loop.create_future()
+            self._landed.append(fut)
+            await fut
+
+    def wake_landed(self) -> None:
+        waiters, self._landed = self._landed, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _conflicts(self, offset: int, length: int) -> bool:
-        if self.local_busy and self.local_overlaps(offset, length):
+        if self.local_busy and self.local_busy.overlaps(offset, length):
+            return True
+        if self.applier_busy and self.applier_busy.overlaps(offset, length):
             return True
         rs = self.node.resync_source
-        return rs is not None and rs.overlaps(offset, length)
+        return rs is not None and rs.inflight.overlaps(offset, length)
 
     def drain_waiting(self) -> None:
         """Start the held-back writes, in arrival order, as far as conflicts allow."""
         waiting = self.waiting
         while waiting:
             item = waiting[0]
-            if self._conflicts(item[1], item[2]):
+            req = item[0]
+            if self._conflicts(req.offset, req.length):
                 return
             waiting.popleft()
             self._start(*item)
 
-    def _start(self, kind, offset, length, data, flags, cb) -> None:
+    def _start(self, req: Req, data, fua, may_trim, fast_zero) -> None:
         node = self.node
-        req = Req(kind, offset, length, cb)
-        node.note_local_write(offset, length)  # activity log first (may write metadata)
-        fua = bool(flags & 1)
-        if length >= ASYNC_LOCAL and (kind == WRITE or kind == ZERO and not flags & 16):
+        kind, offset, length = req.kind, req.offset, req.length
+        try:
+            node.note_local_write(offset, length)  # activity log first (may write metadata)
+        except OSError as exc:
+            log.error("activity-log write before %s at %d+%d failed: %s; answering EIO",
+                      KIND_NAMES[kind], offset, length, exc)
+            self._mod(req, NOT_WRITTEN, _EIO)
+            return
+        if length >= ASYNC_LOCAL and (kind == WRITE or kind == ZERO and not fast_zero):
             # large write, or zeroing that may fall back to BLKZEROOUT or writing zeroes:
             # the local part runs in a thread while the packet is on its way
-            key = self._busy_seq
-            self._busy_seq += 1
-            self.local_busy[key] = (offset, offset + length)
+            key = self.local_busy.add(offset, length)
             disk = self.disk
             if kind == WRITE:
                 fn = lambda: disk.write(offset, data, fua)  # noqa: E731
             else:
-                fn = lambda: disk.zero(offset, length, may_trim=not flags & 2,  # noqa: E731
-                                       fua=fua)
+                fn = lambda: disk.zero(offset, length, may_trim=may_trim, fua=fua)  # noqa: E731
             node.run_io(fn, lambda exc: self._async_written(key, req, exc))
-        else:
-            try:
-                if kind == WRITE:
-                    self.disk.write(offset, data, fua)
-                elif kind == TRIM:
-                    self.disk.trim(offset, length)
-                else:
-                    self.disk.zero(offset, length, may_trim=not flags & 2,
-                                   fast=bool(flags & 16))
-            except OSError as exc:
-                req.err = nbd_error(exc)
-                if req.err != NbdErr.ENOTSUP:
-                    iolog.error("local I/O error", "local %s at %d+%d failed: %s", kind,
-                                offset, length, exc)
-                cb(req.err)  # nothing was written locally, so nothing goes to the peer
-                return
-            if fua and kind != WRITE:  # FUA trim/zero: local durability too
-                node.run_io(self.disk.flush, lambda exc: self._local_complete(req, exc))
-            else:
-                req.local_done = True
-        self._replicate(req, kind, offset, length, data, flags)
-
-    def _replicate(self, req: Req, kind, offset, length, data, flags) -> None:
-        node = self.node
-        link = node.replicating_link()
-        if link is None:
-            node.mark_out_of_sync(offset, length)  # before the request can complete
-            self.writes_local_only += 1
-            req.peer_done = True
-            if req.local_done:
-                req.cb(req.err)
+            self._replicate(req, data, fua, may_trim)
             return
-        pid = self.next_id
-        self.next_id = pid + 1
-        self.pending[pid] = req
-        tl = self.tl.get(self.epoch)
-        if tl is None:
-            tl = self.tl[self.epoch] = []
-        tl += (offset, length)
-        self.epoch_writes += 1
-        pflags = (proto.F_FUA if flags & 1 else 0) | (proto.F_NO_HOLE if flags & 2 else 0)
+        try:
+            if kind == WRITE:
+                self.disk.write(offset, data, fua)
+            elif kind == ZERO:
+                self.disk.zero(offset, length, may_trim=may_trim, fast=fast_zero)
+            else:
+                # TRIM on a replicated resource zeroes (punching a hole where the backing
+                # can): both replicas read the same bytes whatever their backing supports
+                self.disk.zero(offset, length, may_trim=True)
+        except OSError as exc:
+            err = _errno(exc)
+            if kind == ZERO and fast_zero and err in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                self._mod(req, NOT_WRITTEN, errno.ENOTSUP)  # fast zero refused: untouched
+                return
+            iolog.error("local I/O error", "local %s at %d+%d failed: %s", KIND_NAMES[kind],
+                        offset, length, exc)
+            self._mod(req, LOCAL_DONE, err)  # not sent: completes now, marked out of sync
+            return
+        self._replicate(req, data, fua, may_trim)
+        if fua and kind != WRITE:  # FUA trim/zero: local durability too
+            node.run_io(self.disk.flush, lambda exc: self._mod(req, LOCAL_DONE, _errno(exc)))
+        else:
+            self._mod(req, LOCAL_DONE)
+
+    def _replicate(self, req: Req, data, fua, may_trim) -> None:
+        link = self.node.replicating_link()
+        if link is None:
+            self.writes_local_only += 1
+            self._mod(req, NO_PEER)  # marked out of sync before it can complete
+            return
+        pid = self.log.sent(req)
+        pflags = _F_FUA if fua else 0
+        kind = req.kind
         if kind == WRITE:
             n = len(data)
-            link.send(_HDR(_MAGIC, _P_DATA, pflags, pid, offset, n, n, _crc(data)), data)
+            link.send(_HDR(_MAGIC, _P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
             self.bytes_replicated += n
         else:
-            link.send(_HDR(_MAGIC, _KIND_PACKET[kind], pflags, pid, offset, length, 0, 0))
+            if kind == ZERO and not may_trim:
+                pflags |= _F_NO_HOLE
+            link.send(_HDR(_MAGIC, _P_ZERO if kind == ZERO else _P_TRIM, pflags, pid,
+                           req.offset, req.length, 0, 0))
         self.writes_replicated += 1
 
     def _async_written(self, key, req: Req, exc) -> None:
@@ -177,99 +200,64 @@ class Replicator:
         if exc is not None:
             iolog.error("local I/O error", "local write at %d+%d failed: %s", req.offset,
                         req.length, exc)
-            self.node.mark_out_of_sync(req.offset, req.length)
-        self._local_complete(req, exc)
+        self._mod(req, LOCAL_DONE, _errno(exc))
+        self.after_landed()
+
+    def after_landed(self) -> None:
+        """A write finished landing locally: held-back work may go on."""
+        if self._landed:
+            self.wake_landed()
         if self.waiting:
             self.drain_waiting()
-
-    def _local_complete(self, req: Req, exc) -> None:
-        if exc is not None:
-            req.err = nbd_error(exc)
-        req.local_done = True
-        if req.peer_done:
-            req.cb(req.err)
 
     def _flush(self, req: Req) -> None:
         node = self.node
         link = node.replicating_link()
         if link is not None:
-            epoch = self.close_epoch(link, flush=True)
-            self.barrier_waiters.setdefault(epoch, []).append(req)
+            self._send_barrier(link, True, req)
         else:
-            req.peer_done = True
-        node.run_io(self.disk.flush, lambda exc: self._local_complete(req, exc))
+            self._mod(req, NO_PEER)
+        node.run_io(self.disk.flush, lambda exc: self._mod(req, LOCAL_DONE, _errno(exc)))
+
+    def _send_barrier(self, link, flush: bool, req: Req | None = None) -> int:
+        epoch = self.log.close_epoch(self.node.loop.time(), req)
+        link.send(_HDR(_MAGIC, _P_BARRIER, _F_FLUSH if flush else 0, epoch, 0, 0, 0, 0))
+        return epoch
 
     def close_epoch(self, link, flush: bool) -> int:
         """Send a barrier ending the current epoch; returns that epoch's number."""
-        epoch = self.epoch
-        link.send(_HDR(_MAGIC, P.BARRIER, proto.F_FLUSH if flush else 0, epoch, 0, 0, 0, 0))
-        self.barrier_sent_at[epoch] = self.node.loop.time()
-        self.epoch = epoch + 1
-        self.epoch_writes = 0
-        return epoch
+        return self._send_barrier(link, flush)
 
     def periodic_barrier(self, link) -> None:
         """Bound the transfer log: a flushing barrier when the epoch has writes."""
-        if self.epoch_writes and len(self.barrier_sent_at) < 4:
-            self.close_epoch(link, flush=True)
+        if self.log.wants_periodic_barrier():
+            self._send_barrier(link, True)
 
     # -- peer answers ------------------------------------------------------------------------
     def on_write_ack(self, link, flags, pid, offset, size, crc, payload):
-        req = self.pending.pop(pid, None)
-        if req is None:
-            return
-        req.peer_done = True
-        if req.local_done:
-            req.cb(req.err)
+        req = self._pending_pop(pid, None)
+        if req is not None:
+            self._mod(req, PEER_ACK)
 
     def on_neg_ack(self, link, flags, pid, offset, size, crc, payload):
-        req = self.pending.pop(pid, None)
+        req = self._pending_pop(pid, None)
         if req is None:
             return
         log.error("peer failed to apply %s at %d+%d (errno %d); marked out of sync",
-                  req.kind, req.offset, req.length, size)
-        self.node.mark_out_of_sync(req.offset, req.length)
-        req.peer_done = True
-        if req.local_done:
-            req.cb(req.err)
+                  KIND_NAMES[req.kind], req.offset, req.length, size)
+        self._mod(req, NEG_ACK)
 
     def on_barrier_ack(self, link, flags, pid, offset, size, crc, payload):
-        for epoch in [e for e in self.tl if e <= pid]:
-            del self.tl[epoch]
-        for epoch in [e for e in self.barrier_sent_at if e <= pid]:
-            del self.barrier_sent_at[epoch]
-        for epoch in [e for e in self.barrier_waiters if e <= pid]:
-            for req in self.barrier_waiters.pop(epoch):
-                req.peer_done = True
-                if req.local_done:
-                    req.cb(req.err)
+        self.log.barrier_acked(pid)
 
     def link_lost(self) -> None:
         """Everything the peer may not have durably goes into the bitmap, then the pending
         client requests complete (their local part is done or finishing)."""
-        node = self.node
-        for ranges in self.tl.values():
-            for i in range(0, len(ranges), 2):
-                node.mark_out_of_sync(ranges[i], ranges[i + 1])
-        for req in self.pending.values():
-            node.mark_out_of_sync(req.offset, req.length)
-        self.tl.clear()
-        self.barrier_sent_at.clear()
-        self.epoch_writes = 0
-        pending = list(self.pending.values())
-        self.pending.clear()
-        waiters = [r for rs in self.barrier_waiters.values() for r in rs]
-        self.barrier_waiters.clear()
-        for req in pending + waiters:
-            req.peer_done = True
-            if req.local_done:
-                req.cb(req.err)
+        self.log.link_lost()
 
     @property
     def oldest_unacked_age(self) -> float:
-        if not self.barrier_sent_at:
-            return 0.0
-        return self.node.loop.time() - min(self.barrier_sent_at.values())
+        return self.log.oldest_unacked_age(self.node.loop.time())
 
 
 class Applier:
@@ -277,18 +265,34 @@ class Applier:
 
     Small requests are applied inline, in stream order. A large write goes to the I/O
     threads; until it has landed, any later packet that overlaps it (and everything behind
-    that packet, and any barrier) waits in a FIFO, so the disk sees the stream's order."""
+    that packet, and any barrier) waits in a FIFO, so the disk sees the stream's order.
+    Verify and resync requests that arrive on the stream take their turn in the same FIFO
+    (`ordered`). When the link is lost, what it queued is dropped (the primary has marked
+    every unacknowledged range out of sync); writes already running in threads still land
+    and stay in `busy` until they have, so nothing newer overtakes them."""
 
     _EVERYTHING = (0, 1 << 63)
+    _CALL = -1  # queue item: a deferred call (verify / resync request)
 
     def __init__(self, node):
         self.node = node
         self.disk = node.disk
         self.writes_applied = 0
         self.bytes_applied = 0
-        self.busy: dict[int, tuple[int, int]] = {}
-        self._busy_seq = 0
+        self.dropped = 0  # queued requests of gone links, never applied
+        self.busy = RangeSet()
         self.queue: deque = deque()
+        self._idle: list[asyncio.Future] = []
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.queue
+
+    async def wait_idle(self) -> None:
+        while not self.idle:
+            fut = self.node.loop.create_future()
+            self._idle.append(fut)
+            await fut
 
     def _ack(self, link, ptype, pid, offset=0, size=0):
         link.send(_HDR(_MAGIC, ptype, 0, pid, offset, size, 0, 0))
@@ -304,77 +308,108 @@ class Applier:
         if _crc(payload) != crc:
             # drop the link: the primary marks everything unacknowledged out of sync
             raise proto.LinkProtocolError(f"CRC32C mismatch in write at {offset}")
-        self._submit(link, P.DATA, pid, flags, offset, len(payload), payload)
+        self._submit(link, _P_DATA, pid, flags, offset, len(payload), payload)
 
     def on_trim(self, link, flags, pid, offset, size, crc, payload):
         self._check(offset, size)
-        self._submit(link, P.TRIM, pid, flags, offset, size, None)
+        self._submit(link, _P_TRIM, pid, flags, offset, size, None)
 
     def on_zero(self, link, flags, pid, offset, size, crc, payload):
         self._check(offset, size)
-        self._submit(link, P.ZERO, pid, flags, offset, size, None)
+        self._submit(link, _P_ZERO, pid, flags, offset, size, None)
 
     def on_barrier(self, link, flags, pid, offset, size, crc, payload):
-        self._submit(link, P.BARRIER, pid, flags, *self._EVERYTHING, None)
+        self._submit(link, _P_BARRIER, pid, flags, *self._EVERYTHING, None)
 
-    def _overlaps(self, offset, size) -> bool:
-        end = offset + size
-        for s, e in self.busy.values():
-            if s < end and offset < e:
-                return True
-        return False
+    def ordered(self, link, offset, size, payload, fn) -> None:
+        """Run fn(payload) once every earlier request of the stream that overlaps
+        [offset, offset+size) has landed: now, or later from the FIFO."""
+        if self.queue or (self.busy and self.busy.overlaps(offset, size)):
+            if payload is not None and link.owns(payload):
+                payload = bytes(payload)  # the receive ring is reused
+            self.queue.append((link, self._CALL, 0, 0, offset, size, (fn, payload)))
+            return
+        fn(payload)
 
     def _submit(self, link, ptype, pid, flags, offset, size, payload):
-        if self.queue or (self.busy and self._overlaps(offset, size)):
+        if self.queue or (self.busy and self.busy.overlaps(offset, size)):
             if payload is not None and link.owns(payload):
                 payload = bytes(payload)  # the receive ring is reused
             self.queue.append((link, ptype, pid, flags, offset, size, payload))
             return
         self._run(link, ptype, pid, flags, offset, size, payload)
 
+    def link_lost(self, link) -> None:
+        """Nothing this link queued lands after it is gone."""
+        queue = self.queue
+        if not queue:
+            return
+        keep = deque(item for item in queue if item[0] is not link)
+        n = len(queue) - len(keep)
+        if n:
+            self.dropped += n
+            log.warning("link lost: %d queued request(s) of it dropped, never applied", n)
+            self.queue = keep
+            self._drain()
+
     def _drain(self):
         queue = self.queue
         while queue:
             item = queue[0]
-            if self.busy and self._overlaps(item[4], item[5]):
+            if self.busy and self.busy.overlaps(item[4], item[5]):
                 return
             queue.popleft()
             self._run(*item)
+        if not self.busy:
+            self._became_idle()
+
+    def _became_idle(self):
+        if self._idle:
+            waiters, self._idle = self._idle, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _run(self, link, ptype, pid, flags, offset, size, payload):
         disk = self.disk
-        if ptype == P.BARRIER:
+        if ptype == _P_DATA:
+            if size >= ASYNC_LOCAL:
+                if link.owns(payload):
+                    payload = bytes(payload)
+                key = self.busy.add(offset, size)
+                self.node.run_io(lambda: disk.write(offset, payload),
+                                 lambda exc: self._written(key, link, pid, flags, offset, size,
+                                                           exc))
+                return
+            try:
+                disk.write(offset, payload)
+            except OSError as exc:
+                self._written(None, link, pid, flags, offset, size, exc)
+                return
+        elif ptype == _P_ZERO and size >= ASYNC_LOCAL:
+            # zeroing (BLKZEROOUT, writing zeroes) off the loop, ordered like a large write
+            key = self.busy.add(offset, size)
+            self.node.run_io(lambda: disk.zero(offset, size, may_trim=not flags & _F_NO_HOLE),
+                             lambda exc: self._written(key, link, pid, flags, offset, size,
+                                                       exc))
+            return
+        elif ptype == _P_BARRIER:
             # every write before the barrier has been applied (nothing is busy)
-            if flags & proto.F_FLUSH:
+            if flags & _F_FLUSH:
                 self.node.run_io(disk.flush, lambda exc: self._barrier_done(link, pid, exc))
             else:
                 self._ack(link, P.BARRIER_ACK, pid)
             return
-        if size >= ASYNC_LOCAL and (ptype == P.DATA or ptype == P.ZERO):
-            # large writes and zeroing (BLKZEROOUT, writing zeroes) off the loop
-            if ptype == P.DATA:
-                if link.owns(payload):
-                    payload = bytes(payload)
-                fn = lambda: disk.write(offset, payload)  # noqa: E731
-            else:
-                fn = lambda: disk.zero(offset, size,  # noqa: E731
-                                       may_trim=not flags & proto.F_NO_HOLE)
-            key = self._busy_seq
-            self._busy_seq += 1
-            self.busy[key] = (offset, offset + size)
-            self.node.run_io(fn, lambda exc: self._written(key, link, pid, flags, offset, size,
-                                                           exc))
+        elif ptype == self._CALL:
+            fn, arg = payload
+            fn(arg)
             return
-        try:
-            if ptype == P.DATA:
-                disk.write(offset, payload)
-            elif ptype == P.TRIM:
-                disk.trim(offset, size)
-            else:
-                disk.zero(offset, size, may_trim=not flags & proto.F_NO_HOLE)
-        except OSError as exc:
-            self._written(None, link, pid, flags, offset, size, exc)
-            return
+        else:
+            try:  # TRIM zeroes, as on the primary (see Replicator._start)
+                disk.zero(offset, size, may_trim=ptype == _P_TRIM or not flags & _F_NO_HOLE)
+            except OSError as exc:
+                self._written(None, link, pid, flags, offset, size, exc)
+                return
         self._written(None, link, pid, flags, offset, size, None)
 
     def _written(self, key, link, pid, flags, offset, size, exc):
@@ -383,17 +418,22 @@ class Applier:
         if exc is not None:
             iolog.error("apply I/O error", "applying write at %d+%d failed: %s", offset, size,
                         exc)
-            self._ack(link, P.NEG_ACK, pid, offset, getattr(exc, "errno", None) or 5)
+            self._ack(link, P.NEG_ACK, pid, offset, _errno(exc))
         else:
             self.writes_applied += 1
             self.bytes_applied += size
-            if flags & proto.F_FUA:
+            if flags & _F_FUA:
                 self.node.run_io(self.disk.flush, lambda e: self._ack(
-                    link, P.WRITE_ACK if e is None else P.NEG_ACK, pid, offset, 0))
+                    link, _P_WRITE_ACK if e is None else P.NEG_ACK, pid, offset, 0))
             else:
                 self._ack(link, _P_WRITE_ACK, pid)
-        if key is not None and self.queue:
-            self._drain()
+        if key is not None:
+            if self.queue:
+                self._drain()
+            elif not self.busy:
+                self._became_idle()
+            # promoted meanwhile (or verifying): local work may have waited for this write
+            self.node.replicator.after_landed()
 
     def _barrier_done(self, link, epoch, exc):
         if exc is not None:

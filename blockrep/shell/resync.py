@@ -30,6 +30,7 @@ from .. import state as st
 from ..bitmap import BLOCK
 from ..peer import messages, proto
 from ..peer.proto import P
+from ..peer.requests import RangeSet
 from ..state import DiskState, ReplState
 from .bitmap_io import BitmapExchange
 from .buffers import BufferPool
@@ -82,7 +83,7 @@ class ResyncSource:
         self.window = node.cfg.resync_window
         self.cur_window = self.window
         self._adjusted = 0.0
-        self.inflight: dict[int, tuple[int, int]] = {}
+        self.inflight = RangeSet()  # pid -> (offset, length) sent, not yet acknowledged
         self.next_id = 1
         self.wake = asyncio.Event()
         self.progress = Progress(self.bitmap.count_bytes(), node.loop.time())
@@ -118,7 +119,7 @@ class ResyncSource:
                     if self.cancelled or link.closed:
                         return False
                     sent_for_rate += ln
-                if node.replicator.local_busy and node.replicator.local_overlaps(off, ln):
+                if node.replicator.landing(off, ln):
                     busy = True  # an application write is landing there: next pass
                     continue
                 self._send_one(off, ln)
@@ -145,13 +146,6 @@ class ResyncSource:
             elif self.cur_window < self.window:
                 self.cur_window += 1
         return self.cur_window
-
-    def overlaps(self, offset: int, length: int) -> bool:
-        end = offset + length
-        for off, ln in self.inflight.values():
-            if off < end and offset < off + ln:
-                return True
-        return False
 
     def _send_one(self, off: int, ln: int) -> None:
         pid = self.next_id

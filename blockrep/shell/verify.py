@@ -6,7 +6,10 @@ answers with the indexes of the blocks that differ (P_OV_REPLY). Both sides set 
 in their bitmaps; a resync (`blockrep resync`, or any reconnect) then copies them.
 The Primary drives a verify (if it is asked on the Secondary, it asks the Primary): the
 Primary reads a range and queues the request in one loop step, ordered in the stream with
-its application writes, so concurrent writes cause no false reports.
+its application writes, so concurrent writes cause no false reports. Writes still landing
+in the I/O threads are waited for on both sides: the source reads a range only when no
+local write to it is running, and the target compares in the applier's order (after every
+earlier write of the stream to that range has landed).
 
 Owns: the verify source's walk and window, the target's comparison, and the node's verify
 slot (`Verifier`: which verify runs, the last result, their start and end).
@@ -73,6 +76,10 @@ class Verify:
             if self.state != "running" or link.closed:
                 break
             ln = min(CHUNK, size - off)
+            if node.replicator.landing(off, ln):
+                await node.replicator.wait_landed(off, ln)
+                if self.state != "running" or link.closed:
+                    break
             pid = self.next_id
             self.next_id += 1
             self.inflight[pid] = (off, ln)
@@ -170,12 +177,15 @@ class Verifier:
         if self.current is not None:
             self.current.cancel(reason)
 
-    def on_request(self, link, *a) -> None:  # P_OV_REQUEST
+    def on_request(self, link, flags, pid, offset, size, crc, payload) -> None:  # P_OV_REQUEST
         if not isinstance(self.current, VerifyTarget):
             self.current = VerifyTarget(self.node)
             self.node.set_replication(ReplState.VERIFY_TARGET)
             self.node.emit("verify-started", role="VerifyT")
-        self.current.on_request(link, *a)
+        v = self.current
+        # compare only once the stream's earlier writes to this range have landed
+        self.node.applier.ordered(link, offset, size, payload,
+                                  lambda p: v.on_request(link, flags, pid, offset, size, crc, p))
 
     def on_reply(self, link, *a) -> None:  # P_OV_REPLY
         if isinstance(self.current, Verify):
