@@ -324,7 +324,7 @@ class Pair:
                                                                    "beta"))
         gen = st.new_uuid()
         for n in (self.alpha, self.beta):
-            n.gen = st.Generation(current=gen)
+            n.gen.__dict__.update(st.Generation(current=gen).__dict__)  # the store's too
             n.disk_state = DiskState.UP_TO_DATE
             n.nbd = NbdServer(n.disk, Export(name="", size=n.size, flags=0),
                               target=n.replicator)
@@ -362,13 +362,17 @@ class Pair:
             for link in [n.link, *n.handshaking]:
                 if link is not None:
                     link.abort("test over")
-        await settle()
         for n in (self.alpha, self.beta):
-            for d in (n.disk,):
-                for g in getattr(d, "gates", []):
-                    g.release()
+            for g in getattr(n.disk, "gates", []):
+                g.release()
+        for _ in range(3):  # let thread completions come back and held-back work finish
+            await asyncio.sleep(0.01)
+            await settle()
+        for n in (self.alpha, self.beta):
             n.executor.shutdown(wait=True)
             n.nbd.executor.shutdown(wait=True)
+        await settle()
+        for n in (self.alpha, self.beta):
             if n.store is not None:
                 n.store.close()
             else:
@@ -377,6 +381,14 @@ class Pair:
 
 def _store(factory, cfg, name):
     return factory(cfg, name) if factory is not None else None
+
+
+def metastore(cfg, name):
+    """A store_factory for Pair: internal metadata (activity log, bitmap) on a FaultyDisk."""
+    from blockrep import meta
+    with mock.patch.object(meta, "Disk", FaultyDisk):
+        meta.create_md(cfg, cfg.node(name), force=True)
+        return meta.open_store(cfg, cfg.node(name))
 
 
 def pattern(tag: int, length: int) -> bytes:

@@ -1,0 +1,161 @@
+"""The request core (blockrep.peer.requests): RangeSet against a model, and the completion
+and marking rules of TransferLog.mod under arbitrary event orders."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from blockrep.peer.requests import (BARRIER_ACK, COMPLETED, FLUSH, LINK_LOST, LOCAL_DONE,
+                                    NEG_ACK, NO_PEER, NOT_WRITTEN, PEER_ACK, WRITE, RangeSet,
+                                    Req, TransferLog)
+
+
+# -- RangeSet ------------------------------------------------------------------------------
+ranges = hs.tuples(hs.integers(0, 1000), hs.integers(1, 200))
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(hs.tuples(hs.booleans(), ranges), max_size=40), ranges)
+def test_rangeset_answers_like_a_model(ops, query):
+    rs, model = RangeSet(), {}
+    for add, (off, n) in ops:
+        if add or not model:
+            key = rs.add(off, n)
+            model[key] = set(range(off, off + n))
+        else:
+            key = next(iter(model))
+            del rs[key], model[key]
+    q = set(range(query[0], query[0] + query[1]))
+    assert rs.overlaps(*query) == any(v & q for v in model.values())
+    assert sorted(rs.overlapping(*query)) == sorted(k for k, v in model.items() if v & q)
+    assert bool(rs) == bool(model)
+
+
+def test_rangeset_edges_do_not_overlap():
+    rs = RangeSet()
+    rs.add(100, 100)
+    assert not rs.overlaps(0, 100) and not rs.overlaps(200, 10)
+    assert rs.overlaps(199, 1) and rs.overlaps(0, 101)
+
+
+# -- TransferLog ---------------------------------------------------------------------------
+class Recorder:
+    def __init__(self):
+        self.marked: list[tuple[int, int]] = []
+        self.completed: dict[int, tuple[int, list]] = {}
+
+    def mark(self, offset, length):
+        self.marked.append((offset, length))
+
+    def cb(self, cookie, err):
+        assert cookie not in self.completed, "completed twice"
+        self.completed[cookie] = (err, list(self.marked))
+
+
+def test_completes_only_when_local_and_peer_are_done():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 0, 4096, r.cb, 1)
+    pid = tl.sent(req)
+    tl.mod(req, LOCAL_DONE)
+    assert 1 not in r.completed
+    tl.acked(pid, PEER_ACK)
+    assert r.completed[1] == (0, [])
+    assert tl.tl == {1: [0, 4096]}  # in the log until a barrier ack
+    tl.close_epoch(0.0)
+    tl.barrier_acked(1)
+    assert tl.tl == {}
+
+
+def test_link_loss_marks_the_transfer_log_before_completing():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    done = Req(WRITE, 0, 4096, r.cb, 1)
+    tl.acked(tl.sent(done), PEER_ACK)
+    tl.mod(done, LOCAL_DONE)
+    waiting = Req(WRITE, 8192, 4096, r.cb, 2)
+    tl.sent(waiting)
+    tl.mod(waiting, LOCAL_DONE)
+    flush = Req(FLUSH, 0, 0, r.cb, 3)
+    tl.close_epoch(0.0, flush)
+    tl.mod(flush, LOCAL_DONE)
+    tl.link_lost()
+    assert r.completed[2] == (0, [(0, 4096), (8192, 4096), (8192, 4096)])
+    assert r.completed[3][0] == 0
+    assert not tl.pending and not tl.tl and not tl.barrier_waiters
+
+
+def test_failed_local_part_before_sending_completes_at_once_with_the_error():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 0, 4096, r.cb, 1)
+    tl.mod(req, LOCAL_DONE, 5)
+    assert r.completed[1] == (5, [(0, 4096)])
+    refused = Req(WRITE, 0, 4096, r.cb, 2)
+    tl.mod(refused, NOT_WRITTEN, 5)
+    assert r.completed[2] == (5, [(0, 4096)])  # nothing new marked
+    with pytest.raises(ValueError):
+        sent = Req(WRITE, 0, 1, r.cb, 3)
+        tl.sent(sent)
+        tl.mod(sent, NOT_WRITTEN, 5)
+
+
+PEER_EVENTS = (PEER_ACK, NEG_ACK, LINK_LOST)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(hs.tuples(hs.sampled_from(["write", "flush", "local-only"]),
+                          hs.sampled_from(PEER_EVENTS), hs.integers(0, 1), hs.booleans()),
+                min_size=1, max_size=12),
+       hs.randoms(use_true_random=False))
+def test_every_request_completes_once_and_is_marked_before_when_the_peer_may_lack_it(
+        specs, rnd):
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    reqs, events = [], []
+    for i, (what, peer_ev, local_err, local_first) in enumerate(specs):
+        kind = FLUSH if what == "flush" else WRITE
+        req = Req(kind, i * 4096, 0 if kind == FLUSH else 4096, r.cb, i)
+        reqs.append((req, what, peer_ev, local_err))
+        if what == "local-only":
+            tl.mod(req, NO_PEER)
+            events.append((req, LOCAL_DONE, 5 if local_err else 0))
+            continue
+        if kind == FLUSH:
+            tl.close_epoch(0.0, req)
+            pev = BARRIER_ACK if peer_ev == PEER_ACK else peer_ev
+        else:
+            tl.sent(req)
+            pev = peer_ev
+        loc = (req, LOCAL_DONE, 5 if local_err else 0)
+        peer = (req, pev, 0)
+        events += [loc, peer] if local_first else [peer, loc]
+    rnd.shuffle(events)
+    lost = False
+    for req, ev, err in events:
+        if ev == LINK_LOST:
+            if not lost:
+                tl.link_lost()
+                lost = True
+            continue
+        if ev == PEER_ACK or ev == NEG_ACK:
+            pid = next((p for p, q in tl.pending.items() if q is req), None)
+            if pid is not None:
+                tl.acked(pid, ev)
+        elif ev == BARRIER_ACK:
+            epoch = next((e for e, qs in tl.barrier_waiters.items() if req in qs), None)
+            if epoch is not None:
+                tl.barrier_acked(epoch)
+        else:
+            tl.mod(req, ev, err)
+    if not lost:
+        tl.link_lost()
+    for req, what, peer_ev, local_err in reqs:
+        assert req.state & COMPLETED and req.cookie in r.completed
+        err, marked_before = r.completed[req.cookie]
+        assert err == (5 if local_err else 0)
+        peer_may_lack = what == "local-only" or peer_ev != PEER_ACK or local_err
+        if req.kind == WRITE and peer_may_lack:
+            assert (req.offset, req.length) in marked_before

@@ -1,0 +1,87 @@
+"""Activity log and metadata faults on the write path (issue 8): an extent leaves the log
+only after its local writes completed; an AL write error is an EIO reply with memory never
+ahead of disk; TRIM/WRITE_ZEROES leave both replicas reading the same bytes."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from blockrep.meta import AL_EXTENT
+from blockrep.peer.requests import TRIM, WRITE, ZERO
+
+from .support import Pair, metastore, pattern, run, settle, wait_until
+from .test_write_path import BIG, SMALL
+
+
+def test_al_extent_stays_while_its_large_write_runs(tmp_path):
+    async def main():
+        p = Pair(tmp_path, size=64 << 20, store_factory=metastore)
+        await p.start()
+        try:
+            store = p.alpha.store
+            store.al_limit = 2
+            gate = p.alpha.disk.hold("write", 0, BIG)
+            big = p.submit(p.alpha, WRITE, 0, data=pattern(1, BIG))
+            await wait_until(gate.entered.is_set, "large write running on alpha")
+            await wait_until(lambda: p.beta.applier.writes_applied == 1, "beta has it")
+            p.alpha.replicator.periodic_barrier(p.alpha.link)  # its epoch gets acked
+            await settle(50)
+            for i in (1, 2, 3):  # cold extents push the log past its limit
+                assert await p.submit(p.alpha, WRITE, i * AL_EXTENT,
+                                      data=pattern(i, SMALL)) == 0
+            assert 0 in store.al, "extent evicted while its write is still running"
+            gate.release()
+            assert await big == 0
+        finally:
+            await p.close()
+    run(main())
+
+
+def test_al_write_error_is_an_eio_reply_and_memory_stays_behind_disk(tmp_path):
+    async def main():
+        p = Pair(tmp_path, size=64 << 20, store_factory=metastore)
+        await p.start()
+        try:
+            store = p.alpha.store
+            real = store._write_al
+
+            def failing():
+                raise OSError(errno.EIO, "injected: activity-log write failed")
+            store._write_al = failing
+            before = dict(store.al)
+            d = p.submit(p.alpha, WRITE, 5 * AL_EXTENT, data=pattern(9, SMALL))
+            assert await d == errno.EIO
+            assert dict(store.al) == before  # nothing in memory the disk does not have
+            assert not p.alpha.replicator.pending
+            await settle()
+            assert p.beta.applier.writes_applied == 0  # nothing went to the peer
+            assert p.read(p.alpha, 5 * AL_EXTENT, SMALL) == bytes(SMALL)
+            store._write_al = real  # the disk recovers: the same write now works
+            assert await p.submit(p.alpha, WRITE, 5 * AL_EXTENT, data=pattern(9, SMALL)) == 0
+            assert 5 in store.al
+            assert p.read(p.beta, 5 * AL_EXTENT, SMALL) == pattern(9, SMALL)
+        finally:
+            await p.close()
+    run(main())
+
+
+@pytest.mark.parametrize("no_punch", ["alpha", "beta"])
+@pytest.mark.parametrize("kind", [TRIM, ZERO])
+def test_trim_and_zero_leave_replicas_identical_without_hole_punching(tmp_path, no_punch,
+                                                                      kind):
+    async def main():
+        p = await Pair(tmp_path).start()
+        try:
+            off, n = 2 << 20, 64 << 10
+            assert await p.submit(p.alpha, WRITE, off, data=pattern(5, n)) == 0
+            getattr(p, no_punch).disk.no_punch = True
+            assert await p.submit(p.alpha, kind, off + 4096, 8192) == 0
+            await settle()
+            want = pattern(5, n)[:4096] + bytes(8192) + pattern(5, n)[12288:]
+            assert p.read(p.alpha, off, n) == want
+            assert p.read(p.beta, off, n) == want
+        finally:
+            await p.close()
+    run(main())
