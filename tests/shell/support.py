@@ -326,7 +326,7 @@ class Pair:
         for n in (self.alpha, self.beta):
             n.gen.__dict__.update(st.Generation(current=gen).__dict__)  # the store's too
             n.disk_state = DiskState.UP_TO_DATE
-            n.nbd = NbdServer(n.disk, Export(name="", size=n.size, flags=0),
+            n.nbd = NbdServer(n.disk, Export(name="", size=n.size, flags=node_mod.NBD_FLAGS),
                               target=n.replicator)
         self.link: MemoryLink | None = None
 

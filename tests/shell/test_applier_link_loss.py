@@ -98,3 +98,29 @@ def test_stale_write_never_overwrites_resync_data_after_reconnect(tmp_path):
         finally:
             await p.close()
     run(main())
+
+
+def test_application_write_waits_for_the_resync_request_of_its_range(tmp_path):
+    async def main():
+        p = await Pair(tmp_path).start()
+        try:
+            await p.cut()
+            assert await p.submit(p.alpha, WRITE, OFF, data=pattern(1, BIG)) == 0  # degraded
+            gate = p.beta.disk.hold("write", OFF, BIG)  # the resync write of that range
+            await p.reconnect()
+            await wait_until(gate.entered.is_set, "resync data being written on beta")
+            app = p.submit(p.alpha, WRITE, OFF + 4096, data=pattern(2, SMALL))
+            await settle()
+            assert not app.done and len(p.alpha.replicator.waiting) == 1
+            gate.release()
+            assert await app == 0
+            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
+                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
+            want = pattern(1, BIG)[:4096] + pattern(2, SMALL) + pattern(1, BIG)[8192:]
+            await wait_until(lambda: p.beta.applier.idle, "applier idle")
+            assert p.read(p.alpha, OFF, BIG) == want
+            assert p.read(p.beta, OFF, BIG) == want
+            assert p.alpha.bitmap.count() == 0
+        finally:
+            await p.close()
+    run(main())

@@ -85,3 +85,67 @@ def test_trim_and_zero_leave_replicas_identical_without_hole_punching(tmp_path, 
         finally:
             await p.close()
     run(main())
+
+
+def _nbd_client_writes(port: int, writes) -> list[int]:
+    """A blocking NBD client (run in a thread): handshake, then each write's error."""
+    import socket
+    import struct
+
+    from blockrep.nbd import proto
+    from blockrep.nbd.constants import ClientFlag, NbdCmd, NbdOpt, NbdRep
+
+    def recv(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            buf += chunk
+        return buf
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        recv(18)
+        sock.sendall(proto.encode_client_flags(ClientFlag.FIXED_NEWSTYLE |
+                                               ClientFlag.NO_ZEROES))
+        sock.sendall(proto.encode_option(NbdOpt.GO, proto.encode_info_request("", [])))
+        while True:
+            head = recv(20)
+            (opt, rtype, _), _ = proto.decode_option_reply(
+                head + recv(struct.unpack(">I", head[16:20])[0]))
+            if rtype == NbdRep.ACK:
+                break
+        errs = []
+        for i, (offset, data) in enumerate(writes):
+            sock.sendall(proto.encode_request(NbdCmd.WRITE, 0, i, offset, len(data)) + data)
+            (err, cookie), _ = proto.decode_simple_reply(recv(16))
+            assert cookie == i
+            errs.append(err)
+        return errs
+
+
+def test_al_write_error_through_nbd_answers_eio_and_keeps_the_connection(tmp_path):
+    async def main():
+        p = Pair(tmp_path, size=64 << 20, store_factory=metastore)
+        await p.start()
+        try:
+            srv = await p.alpha.nbd.listen_tcp("127.0.0.1", 0)
+            port = srv.sockets[0].getsockname()[1]
+            store = p.alpha.store
+            real, calls = store._write_al, []
+
+            def fail_once():
+                calls.append(1)
+                if len(calls) == 1:
+                    raise OSError(errno.EIO, "injected: activity-log write failed")
+                real()
+            store._write_al = fail_once
+            import asyncio
+            errs = await asyncio.to_thread(_nbd_client_writes, port, [
+                (6 * AL_EXTENT, pattern(1, SMALL)), (6 * AL_EXTENT, pattern(2, SMALL))])
+            assert errs == [errno.EIO, 0]  # an error reply, then the same connection works
+            assert p.read(p.beta, 6 * AL_EXTENT, SMALL) == pattern(2, SMALL)
+            await p.alpha.nbd.close()
+        finally:
+            await p.close()
+    run(main())
