@@ -24,9 +24,8 @@ from collections import deque
 
 from ..peer import proto
 from ..peer.proto import P
-from ..peer.requests import (FLUSH, KIND_NAMES, LINK_LOST, LOCAL_DONE, NEG_ACK, NO_PEER,
-                             NOT_WRITTEN, PEER_ACK, TRIM, WRITE, ZERO, RangeSet, Req,
-                             TransferLog)
+from ..peer.requests import (FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK, NO_PEER, NOT_WRITTEN,
+                             PEER_ACK, WRITE, ZERO, RangeSet, Req, TransferLog)
 
 from .ratelog import RateLimitedLog
 
@@ -41,8 +40,6 @@ _HDR = proto.HEADER.pack
 _MAGIC = proto.MAGIC
 _crc = proto.native.crc32c
 _EIO = errno.EIO
-
-__all__ = ["Replicator", "Applier", "ASYNC_LOCAL", "LINK_LOST"]
 
 
 def _errno(exc) -> int:
