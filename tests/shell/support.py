@@ -9,7 +9,9 @@ two Nodes joined by that link on one event loop (no sockets, no subprocesses).
 - `FaultyDisk`: a real `Disk` whose calls can fail (`fail`: EIO/ENOSPC... for chosen calls
   and ranges) or wait for the test (`hold`: a call running in an I/O thread blocks until
   `Gate.release()`, which reorders completions); `no_punch` makes hole punching and zero
-  ranges unsupported, like a backing file system that cannot.
+  ranges unsupported, like a backing file system that cannot. (In-process, at the Disk
+  API; `blockrep.faults.disk.FaultyDisk` is the out-of-process one: nbdkit's error filter
+  behind nbdfuse, for tests that run real node processes.)
 - `Pair`: alpha (Primary) and beta (Secondary), both UpToDate with the same data, connected.
 """
 
