@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 
 from blockrep.peer.requests import WRITE
+from blockrep.shell import admin
 from blockrep.state import ReplState
 
-from .support import Pair, pattern, run, settle, wait_until
+from support.inprocess import Pair, pattern, run, settle, wait_until
 from .test_write_path import BIG, SMALL
 
 OFF = 1 << 20
@@ -34,7 +35,7 @@ def test_nothing_queued_by_a_gone_link_lands_after_promotion(tmp_path):
             gate = await _stale_write_on_beta(p)
             assert not p.beta.applier.queue  # dropped with the link
             assert p.beta.applier.dropped == 1
-            res = p.beta.cmd_primary()  # alpha is gone; beta takes over
+            res = admin.cmd_primary(p.beta)  # alpha is gone; beta takes over
             task = asyncio.ensure_future(res) if asyncio.iscoroutine(res) else None
             await settle()
             newer = None

@@ -11,7 +11,7 @@ import pytest
 from blockrep.meta import AL_EXTENT
 from blockrep.peer.requests import TRIM, WRITE, ZERO
 
-from .support import Pair, metastore, pattern, run, settle, wait_until
+from support.inprocess import Pair, metastore, pattern, run, settle, wait_until
 from .test_write_path import BIG, SMALL
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from blockrep.peer.requests import WRITE
 
-from .support import Pair, pattern, run, settle, wait_until
+from support.inprocess import Pair, pattern, run, settle, wait_until
 
 SIZES = (4096, 64 << 10, 256 << 10, 512 << 10)
 SPAN = 1 << 20

@@ -12,7 +12,7 @@ from blockrep.peer.requests import FLUSH, TRIM, WRITE, ZERO
 from blockrep.shell import nbd_server, replication, target
 from blockrep.shell.target import LocalTarget
 
-from .support import Done, FaultyDisk, pattern, run
+from support.inprocess import Done, FaultyDisk, pattern, run
 
 
 def _disk(tmp_path, size=1 << 20):

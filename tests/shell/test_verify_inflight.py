@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from blockrep.peer.requests import WRITE
-from blockrep.shell import verify as verify_mod
+from blockrep.shell import admin
 
-from .support import Pair, pattern, run, settle, wait_until
+from support.inprocess import Pair, pattern, run, settle, wait_until
 from .test_write_path import BIG
 
 OFF = 3 << 20
@@ -25,14 +25,14 @@ def test_verify_ignores_large_writes_in_flight(tmp_path, where):
             await wait_until(gate.entered.is_set, "large write held in a thread")
             if where == "primary":
                 await wait_until(lambda: p.beta.applier.writes_applied == 1, "beta has it")
-            assert verify_mod.start_verify(p.alpha) == "verify started"
+            assert admin.cmd_verify(p.alpha) == "verify started"
             await settle(200)  # the verify reaches the range while the write is held
             gate.release()
             assert await d == 0
-            await wait_until(lambda: p.alpha.verify is None and p.alpha.last_verify,
+            await wait_until(lambda: p.alpha.verifier.current is None and p.alpha.verifier.last,
                              "verify finished")
-            assert p.alpha.last_verify["state"] == "done"
-            assert p.alpha.last_verify["found_blocks"] == 0
+            assert p.alpha.verifier.last["state"] == "done"
+            assert p.alpha.verifier.last["found_blocks"] == 0
             assert p.alpha.bitmap.count() == 0 and p.beta.bitmap.count() == 0
             assert p.read(p.alpha, OFF, BIG) == p.read(p.beta, OFF, BIG) == pattern(7, BIG)
         finally:
@@ -45,10 +45,10 @@ def test_verify_still_finds_real_differences(tmp_path):
         p = await Pair(tmp_path).start()
         try:
             p.beta.disk.write(OFF + 4096, b"x" * 4096)  # behind replication's back
-            verify_mod.start_verify(p.alpha)
-            await wait_until(lambda: p.alpha.verify is None and p.alpha.last_verify,
+            admin.cmd_verify(p.alpha)
+            await wait_until(lambda: p.alpha.verifier.current is None and p.alpha.verifier.last,
                              "verify finished")
-            assert p.alpha.last_verify["found_blocks"] == 1
+            assert p.alpha.verifier.last["found_blocks"] == 1
             assert p.alpha.bitmap.test(OFF + 4096) and p.beta.bitmap.test(OFF + 4096)
         finally:
             await p.close()

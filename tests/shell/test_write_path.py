@@ -8,7 +8,7 @@ import pytest
 from blockrep.peer.requests import FLUSH, TRIM, WRITE, ZERO
 from blockrep.shell.replication import ASYNC_LOCAL
 
-from .support import Pair, pattern, run, settle, wait_until
+from support.inprocess import Pair, pattern, run, settle, wait_until
 
 BIG = ASYNC_LOCAL  # written in the I/O threads
 SMALL = 4096       # written inline
@@ -37,7 +37,7 @@ class Watch:
     request's range was already marked out of sync on the primary."""
 
     def __init__(self, pair, offset, length):
-        from .support import Done
+        from support.inprocess import Done
         self.done = Done()
         self.pair, self.offset, self.length = pair, offset, length
         self.marked_at_completion = None

@@ -1,7 +1,7 @@
 """In-process test kit for the asyncio shell: an in-memory link, a fault-injecting disk, and
 two Nodes joined by that link on one event loop (no sockets, no subprocesses).
 
-    from shell.support import FaultyDisk, MemoryLink, Pair, run   # (tests/ is on sys.path)
+    from support.inprocess import FaultyDisk, MemoryLink, Pair, run  # tests/ is on sys.path
 
 - `MemoryTransport` / `connect(a, b)`: real PeerLink protocols on both ends, bytes handed
   across with `call_soon` in order; `hold()` keeps what one side sends back (a packet "on
@@ -27,6 +27,7 @@ from blockrep import state as st
 from blockrep.config import NodeConfig, ResourceConfig
 from blockrep.disk import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Disk
 from blockrep.nbd.handshake import Export
+from blockrep.shell import admin
 from blockrep.shell import node as node_mod
 from blockrep.shell.link import PeerLink
 from blockrep.shell.nbd_server import NbdServer
@@ -337,7 +338,7 @@ class Pair:
     async def start(self, primary: bool = True) -> "Pair":
         self.link = await connect(self.alpha, self.beta)
         if primary:
-            assert self.alpha.cmd_primary() == "Primary"
+            assert admin.cmd_primary(self.alpha) == "Primary"
             await settle()
         return self
 
