@@ -26,7 +26,7 @@ from unittest import mock
 from blockrep import state as st
 from blockrep.config import NodeConfig, ResourceConfig
 from blockrep.disk import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Disk
-from blockrep.nbd.handshake import Export
+from blockrep.nbd.handshake import make_export
 from blockrep.shell import admin
 from blockrep.shell import node as node_mod
 from blockrep.shell.link import PeerLink
@@ -331,8 +331,7 @@ class Pair:
         for n in (self.alpha, self.beta):
             n.gen.__dict__.update(st.Generation(current=gen).__dict__)  # the store's too
             n.disk_state = DiskState.UP_TO_DATE
-            n.nbd = NbdServer(n.disk, Export(name="", size=n.size, flags=node_mod.NBD_FLAGS),
-                              target=n.replicator)
+            n.nbd = NbdServer(n.disk, make_export("", n.size), target=n.replicator)
         self.link: MemoryLink | None = None
 
     async def start(self, primary: bool = True) -> "Pair":
