@@ -103,3 +103,11 @@ def test_the_graph_sees_relative_and_deferred_imports():
 
 def test_no_import_circle_among_blockrep_modules():
     assert cycles(import_graph()) == []
+
+
+def test_node_py_stays_small():
+    """node.py keeps the life cycle, the packet table and the state setters (admin.py,
+    connect.py, verify.py and resync.py hold the rest)."""
+    with open(os.path.join(PKG, "shell", "node.py")) as f:
+        n = sum(1 for _ in f)
+    assert n <= 500, f"blockrep/shell/node.py has {n} lines"

@@ -3,13 +3,12 @@
 Owns: the node's life cycle (start, run, shutdown), its states and their setters
 (`set_role`, `set_connection`, `set_replication`, `set_disk`: each logs `old -> new` once and
 emits one event), the peer connection's life (dial, accept, handshake checks, timeouts,
-reconnect), what happens on connect (applying the sync decision), the packet table of an
-established link (every packet type, verify's and resync's included), the resync and verify
-life cycles, and the one I/O thread pool.
+reconnect, link loss), the packet table of an established link (every packet type, verify's
+and resync's included), the resync life cycle, and the one I/O thread pool.
 Must not: parse wire formats (blockrep.peer / blockrep.nbd do), decide sync direction or
-whether a command may run (blockrep.state does), serve the admin socket or render status
-(admin.py does); the write path lives in replication.py, resync in resync.py, verify in
-verify.py.
+whether a command may run (blockrep.state does), apply the decision on connect (connect.py
+does), serve the admin socket or render status (admin.py does); the write path lives in
+replication.py, resync in resync.py, verify in verify.py.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from ..disk import Disk
 from ..nbd.handshake import make_export
 from ..peer import messages, proto
 from ..peer.proto import P
-from ..state import ConnState, DiskState, ReplState, Role, Strategy
+from ..state import ConnState, DiskState, ReplState, Role
+from . import connect
 from .admin import AdminServer
 from .link import PeerLink
 from .nbd_limits import NbdLimits, server_tls
@@ -293,95 +293,7 @@ class Node:
             self.resync_source.wake.set()
 
     def on_link_established(self, link: PeerLink, body: dict) -> None:
-        self.handshaking.discard(link)
-        if self.link is not None and not self.link.closed:
-            log.warning("a new connection from the peer replaces the old one")
-            old = self.link
-            old.abort("replaced by a new connection")
-            self.on_link_lost(old, "replaced by a new connection")
-        try:
-            ps = messages.peer_state(body, self.size)
-        except proto.LinkProtocolError as exc:
-            link.refuse(str(exc))
-            return
-        peer_role, peer_disk, peer_gen = ps.role, ps.disk, ps.gen
-        peer_bits = ps.changes  # how many bits; the bitmap itself follows if a resync needs it
-        self.link = link
-        self.set_connection(ConnState.CONNECTED)
-        self.peer_role, self.peer_disk = peer_role, peer_disk
-        self.last_error = ""
-        d = st.decide(self.gen, peer_gen, my_bits=self.bitmap.count() > 0,
-                      peer_bits=peer_bits > 0,
-                      i_was_primary=self.was_primary_flag or self.is_primary,
-                      peer_was_primary=bool(body.get("was_primary")) or
-                      peer_role == Role.PRIMARY,
-                      i_win_ties=self.name < self.peer_cfg.name)
-        d = st.resolve(d, st.Side(primary=self.is_primary, changes=self.bitmap.count(),
-                                  skip_initial_sync=self.skip_initial_sync,
-                                  discard_my_data=self.discard_my_data),
-                       st.Side(primary=peer_role == Role.PRIMARY, changes=peer_bits,
-                               skip_initial_sync=bool(body.get("skip_initial_sync")),
-                               discard_my_data=bool(body.get("discard_my_data"))),
-                       after_sb_0pri=self.cfg.after_sb_0pri,
-                       after_sb_1pri=self.cfg.after_sb_1pri,
-                       i_win_ties=self.name < self.peer_cfg.name)
-        self.decision = d
-        log.info("connected to %s (%s, %s, gen %s); my gen %s; decision: %s",
-                 self.peer_cfg.name, peer_role.value, peer_disk.value, peer_gen.short(),
-                 self.gen.short(), d)
-        if d.rule == st.Rule.AFTER_SB_POLICY:
-            log.warning("split brain auto-recovery: %s", d)
-        self.emit("connected", peer=self.peer_cfg.name, decision=d.strategy.value,
-                  rule=d.describe())
-        v = st.check_established(d, i_am_primary=self.is_primary,
-                                 peer_primary=peer_role == Role.PRIMARY)
-        if v.refused:
-            # on a split brain both sides see it: nobody needs to be told
-            quiet = v.rv in (st.Rv.SPLIT_BRAIN, st.Rv.UNRELATED_DATA)
-            if quiet:
-                log.error("%s", v.reason)
-            self._refuse_connection(link, v.reason, standalone=True, tell_peer=not quiet)
-            return
-        s = d.strategy
-        if s == Strategy.NO_SYNC:
-            self.set_replication(ReplState.ESTABLISHED)
-            same = self.gen.current == peer_gen.current
-            if same and DiskState.INCONSISTENT not in (self.disk_state, peer_disk):
-                # nobody wrote without the other (that would have made a new current
-                # identifier): the two disks hold the same, newest data
-                self.set_disk(DiskState.UP_TO_DATE)
-                peer_disk = self.peer_disk = DiskState.UP_TO_DATE
-            if d.rule == st.Rule.INITIAL_SYNC_SKIPPED:
-                self.gen.sync_finished_as_source()
-            if d.rule == st.Rule.INITIAL_SYNC_SKIPPED_BY_PEER:
-                self.gen.adopt(peer_gen)
-                self.bitmap.clear_all()
-                self.set_disk(DiskState.UP_TO_DATE)
-            if self.disk_state == DiskState.UP_TO_DATE and peer_disk != DiskState.UP_TO_DATE \
-                    and self.gen.current == peer_gen.current:
-                self.peer_disk = DiskState.UP_TO_DATE
-            self.skip_initial_sync = False
-        elif s in (Strategy.SOURCE, Strategy.SOURCE_FULL):
-            resync.start_source(self, link, full=s == Strategy.SOURCE_FULL,
-                                csum=d.checksum_resync, peer_gen=peer_gen)
-        elif s in (Strategy.TARGET, Strategy.TARGET_FULL):
-            resync.start_target(self, link, full=s == Strategy.TARGET_FULL,
-                                total=self.size if s == Strategy.TARGET_FULL else 0)
-        else:  # BOTH_NEW
-            self.set_replication(ReplState.ESTABLISHED)
-        self.discard_my_data = False
-        self.persist()
-        self.send_state()
-
-    def _refuse_connection(self, link: PeerLink, msg: str, *, standalone: bool,
-                           tell_peer: bool = True) -> None:
-        self.last_error = msg
-        self.emit("connection-refused", reason=msg)
-        if tell_peer:
-            link.send_control(P.REFUSE, {"reason": msg, "standalone": standalone})
-        link.close(msg)
-        if standalone:
-            self.set_connection(ConnState.STANDALONE)
+        connect.established(self, link, body)
 
     def on_link_lost(self, link: PeerLink, reason: str) -> None:
         self.handshaking.discard(link)
