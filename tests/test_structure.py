@@ -111,3 +111,52 @@ def test_node_py_stays_small():
     with open(os.path.join(PKG, "shell", "node.py")) as f:
         n = sum(1 for _ in f)
     assert n <= 500, f"blockrep/shell/node.py has {n} lines"
+
+
+# -- NBD constants stay behind the NBD boundary ------------------------------------------------
+
+NBD_BOUNDARY = ("blockrep.nbd", "blockrep.shell.nbd_server", "blockrep.shell.nbd_session",
+                "blockrep.faults.writer")  # the core, its front end, the soak's NBD client
+NBD_NAMES = {"CmdFlag", "NbdCmd", "TransmissionFlag", "ClientFlag", "HandshakeFlag"}
+
+
+def nbd_leaks(name: str, path: str) -> list[str]:
+    """Uses of NBD constants in module `name`: imports of blockrep.nbd.constants or of its
+    flag/command types, and bit tests of a `flags` value against a bare number
+    (`flags & 1` is NBD's FUA leaking through as an int)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                mod = ".".join(parts[:len(parts) - node.level + 1] + ([mod] if mod else []))
+            if mod == "blockrep.nbd.constants" or (
+                    mod.startswith("blockrep.nbd") and {a.name for a in node.names} & NBD_NAMES):
+                out.append(f"{path}:{node.lineno}: imports {mod}")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd):
+            sides = (node.left, node.right)
+            named = any(isinstance(s, ast.Name) and "flags" in s.id for s in sides)
+            number = any(isinstance(s, ast.Constant) and isinstance(s.value, int)
+                         for s in sides)
+            if named and number:
+                out.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_no_nbd_flag_constants_outside_the_nbd_boundary():
+    leaks = []
+    for name, path in sorted(modules().items()):
+        if not name.startswith(NBD_BOUNDARY):
+            leaks += nbd_leaks(name, path)
+    assert leaks == []
+
+
+def test_the_nbd_check_sees_a_leak(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text("from ..nbd.constants import CmdFlag\n"
+                 "def f(flags):\n    return flags & 1\n")
+    assert len(nbd_leaks("blockrep.shell.m", str(p))) == 2
