@@ -24,10 +24,14 @@ RESOURCE_KEYS = {
     "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
     "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str,
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
+    "handshake-timeout": (int, float),
+    "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str,
-             "nbd-tls-cert": str, "nbd-tls-key": str, "nbd-tls-ca": str}
+             "nbd-tls-cert": str, "nbd-tls-key": str, "nbd-tls-ca": str,
+             "tls-cert": str, "tls-key": str, "tls-ca": str, "tls-fingerprint": str}
 NBD_TLS_MODES = ("off", "on", "require")
+TLS_FILES = ("tls-cert", "tls-key", "tls-ca")
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
 SB_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes",
                "discard-younger-primary", "discard-secondary")
@@ -44,6 +48,10 @@ class NodeConfig:
     nbd_tls_cert: str = ""  # X.509 certificate and key (PEM) of this node's NBD export
     nbd_tls_key: str = ""
     nbd_tls_ca: str = ""  # when set, NBD clients must present a certificate it signed
+    tls_cert: str = ""  # this node's certificate, key and the CA that signed its peer's
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_fingerprint: str = ""  # SHA-256 (hex) this node's certificate must have, or ""
 
 
 @dataclass
@@ -65,6 +73,9 @@ class ResourceConfig:
     after_sb_1pri: str = "disconnect"
     nbd_tls: str = "off"  # off | on | require (docs/nbd.md)
     nbd_handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0  # the whole link handshake, up to the peer's proof
+    max_handshakes: int = 8  # inbound link connections not yet authenticated, at once
+    tls: bool = False
     raw: dict = field(default_factory=dict, repr=False)
 
     def node(self, name: str | None) -> NodeConfig:
@@ -173,7 +184,7 @@ def _check_keys(table: dict, allowed: dict, where: str) -> None:
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r}")
         typ = allowed[key]
-        if not isinstance(value, typ) or isinstance(value, bool):
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
             raise ConfigError(f"{where}.{key}: wrong type {type(value).__name__}")
 
 
@@ -243,6 +254,11 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             nbd_tls_cert=table.get("nbd-tls-cert", ""),
             nbd_tls_key=table.get("nbd-tls-key", ""),
             nbd_tls_ca=table.get("nbd-tls-ca", ""),
+            tls_cert=table.get("tls-cert", res.get("tls-cert", "")),
+            tls_key=table.get("tls-key", res.get("tls-key", "")),
+            tls_ca=table.get("tls-ca", res.get("tls-ca", "")),
+            tls_fingerprint=_fingerprint(table.get("tls-fingerprint", ""),
+                                         f"{where}.tls-fingerprint"),
         )
     a, b = nodes.values()
     if a.address == b.address:
@@ -289,4 +305,30 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
         if cfg.nbd_tls != "off" and not (n.nbd_tls_cert and n.nbd_tls_key):
             raise ConfigError(f"{path}: node.{n.name}: nbd-tls = {cfg.nbd_tls} needs "
                               f"nbd-tls-cert and nbd-tls-key")
+    if "handshake-timeout" in res:
+        if res["handshake-timeout"] <= 0:
+            raise ConfigError(f"{path}: resource.handshake-timeout must be positive")
+        cfg.handshake_timeout = float(res["handshake-timeout"])
+    if "max-handshakes" in res:
+        if not 1 <= res["max-handshakes"] <= 1024:
+            raise ConfigError(f"{path}: resource.max-handshakes must be 1..1024")
+        cfg.max_handshakes = res["max-handshakes"]
+    cfg.tls = res.get("tls", False)
+    if cfg.tls:
+        for n in nodes.values():
+            for key in TLS_FILES:
+                if not getattr(n, key.replace("-", "_")):
+                    raise ConfigError(f"{path}: tls = true needs {key} in [node.{n.name}] "
+                                      f"or [resource]")
     return cfg
+
+
+def _fingerprint(text: str, what: str) -> str:
+    """A SHA-256 fingerprint as 64 lower-case hex digits (colons and case are ignored)."""
+    if not text:
+        return ""
+    hexdigits = text.replace(":", "").lower()
+    if len(hexdigits) != 64 or any(c not in "0123456789abcdef" for c in hexdigits):
+        raise ConfigError(f"{what}: expected a SHA-256 fingerprint (64 hex digits), got "
+                          f"{text!r}")
+    return hexdigits

@@ -1,19 +1,18 @@
-"""blockrep's peer link: framing, packet types and authentication (sans-IO).
+"""blockrep's peer link: framing and packet types (sans-IO).
 
 Every packet is a fixed 36-byte header plus a payload:
 
     magic u32 | type u16 | flags u16 | id u64 | offset u64 | size u32 | paylen u32 | crc u32
 
 big-endian. Data packets (P_DATA, P_RS_DATA) carry the block payload as is, with its CRC32C
-in `crc`; control packets carry a msgpack map. See docs/wire-protocol.md.
+in `crc`; control packets carry a msgpack map. See docs/wire-protocol.md; the handshake and
+its authentication live in blockrep.peer.handshake.
 Must not: touch sockets or clocks.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import struct
 
 import msgpack
@@ -21,13 +20,13 @@ import msgpack
 from .. import native
 
 MAGIC = 0x42524550  # "BREP"
-VERSION = 2  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready
+VERSION = 2  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
+           # connection-bound authentication, STARTTLS, size in STATE
 FEATURES = 0  # feature bits, none yet
 HEADER = struct.Struct(">IHHQQIII")
 HEADER_SIZE = HEADER.size  # 36
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
-MAX_CONTROL = 64 * 1024 * 1024
-CHALLENGE_LEN = 32
+MAX_CONTROL = 64 * 1024 * 1024  # bitmaps of very large devices travel as control
 
 
 class P(enum.IntEnum):
@@ -35,6 +34,7 @@ class P(enum.IntEnum):
     AUTH = 2
     REFUSE = 3
     STATE = 4
+    STARTTLS = 5
     DATA = 10
     TRIM = 11
     ZERO = 12
@@ -111,21 +111,6 @@ def data_header(ptype: int, pid: int, offset: int, payload, flags: int = 0) -> b
 
 def check_crc(payload, crc: int) -> bool:
     return native.crc32c(payload) == crc
-
-
-# -- authentication -----------------------------------------------------------------------------
-
-def auth_response(secret: str, challenge: bytes, responder: str, resource: str) -> bytes:
-    """HMAC-SHA256 over the peer's challenge, bound to who answers and for which resource."""
-    msg = b"blockrep-auth-v1\0" + challenge + b"\0" + responder.encode() + b"\0" + \
-        resource.encode()
-    return hmac.new(secret.encode(), msg, hashlib.sha256).digest()
-
-
-def auth_ok(secret: str, challenge: bytes, responder: str, resource: str,
-            response: bytes) -> bool:
-    return hmac.compare_digest(auth_response(secret, challenge, responder, resource),
-                               bytes(response))
 
 
 def need(body: dict, key: str, typ):

@@ -361,6 +361,7 @@ def status(node) -> dict:
         "size_bytes": node.size,
         "decision": {"strategy": d.strategy.value, "rule": d.describe()} if d else None,
         "last_error": node.last_error,
+        "link_rejections": node.rejections.as_dict(),
         "generation": {"current": f"{node.gen.current:016X}",
                        "bitmap": f"{node.gen.bitmap:016X}",
                        "history": [f"{h:016X}" for h in node.gen.history]},

@@ -1,10 +1,12 @@
-"""asyncio shell of the peer link: one TCP connection to the peer node.
+"""asyncio shell of the peer link: one TCP (or TLS) connection to the peer node.
 
-Owns: framing on a receive ring buffer (payloads handed on as memoryviews, no copies),
-batched sends (everything queued during one loop iteration goes out in one `writelines`),
-the handshake (HELLO, mutual HMAC challenge-response, STATE) and liveness (`last_rx`).
-Must not: decide anything about replication; established packets go to the node's
-dispatch table, refusals and losses to the node's callbacks.
+Owns: moving bytes and running timers. Until the link is established the bytes go through
+the sans-IO handshake (blockrep.peer.handshake) from a small read buffer; then framing on
+a receive ring buffer (payloads handed on as memoryviews, no copies), batched sends
+(everything queued during one loop iteration goes out in one `writelines`), liveness
+(`last_rx`), and the record of connections refused before authentication (`Rejections`).
+Must not: decide anything about the handshake or replication; established packets go to
+the node's dispatch table, refusals and losses to the node's callbacks.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 
 from ..peer import proto
+from ..peer.handshake import NONCE_LEN, Established, LinkHandshake, Refused, Send, StartTls
 from ..peer.proto import HEADER_SIZE, P, LinkProtocolError
+from . import tls
 from .buffers import BufferPool
 
 log = logging.getLogger("blockrep.link")
@@ -24,6 +29,37 @@ RECV_BUF = 4 * 1024 * 1024
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024
 BIG = 256 * 1024
+HS_READ = 4096  # read buffer until the peer proved itself (a HELLO is ~150 bytes)
+
+
+class Rejections:
+    """Link connections refused before the peer proved itself. They never touch the
+    healthy link's state: counted here, the latest kept, logged at most once per
+    `interval` seconds (with how many were not logged)."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self.count = 0
+        self.last = ""
+        self.last_from = ""
+        self._logged_at = float("-inf")
+        self._unlogged = 0
+
+    def record(self, reason: str, addr: str, now: float) -> bool:
+        """-> True when this one was logged."""
+        self.count += 1
+        self.last, self.last_from = reason, addr
+        if now - self._logged_at < self.interval:
+            self._unlogged += 1
+            return False
+        more = f" ({self._unlogged} more not logged)" if self._unlogged else ""
+        log.warning("link connection from %s refused before authentication: %s%s", addr,
+                    reason, more)
+        self._logged_at, self._unlogged = now, 0
+        return True
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "last": self.last, "from": self.last_from}
 
 
 class PeerLink(asyncio.BufferedProtocol):
@@ -32,18 +68,19 @@ class PeerLink(asyncio.BufferedProtocol):
         self.outbound = outbound
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self.challenge = os.urandom(proto.CHALLENGE_LEN)
-        self.phase = "hello"  # hello -> auth -> state -> established -> closed
+        self.hs: LinkHandshake | None = None  # until established
+        self.established = False
         self.peer_hello: dict | None = None
         self.peer_addr = "?"
         self.last_rx = self.loop.time()
         self.closed = False
         self.close_reason = ""
-        self._buf = bytearray(RECV_BUF)
-        self._mv = memoryview(self._buf)
+        self._sock = None
+        self._hs_buf = bytearray(HS_READ)
+        self._buf = self._mv = None  # the receive ring: allocated once established
         self._start = 0
         self._end = 0
-        self._pool = BufferPool()
+        self._pool: BufferPool | None = None
         self._read_size = RECV_CHUNK  # small right after a large payload (see _parse)
         self._big: tuple | None = None  # header fields of a payload received outside the ring
         self._big_view: memoryview | None = None
@@ -76,9 +113,9 @@ class PeerLink(asyncio.BufferedProtocol):
         self.send(proto.encode_control(ptype, body))
 
     def refuse(self, reason: str) -> None:
-        """Tell the peer why, log it, close."""
+        """Established link: tell the peer why, log it, close."""
         log.error("refusing peer %s: %s", self.peer_addr, reason)
-        self.node.on_link_error(self, reason, refused_by_me=True)
+        self.node.on_link_refused(self, Refused(reason, by_peer=False, authenticated=True))
         self.send_control(P.REFUSE, {"reason": reason})
         self.close(reason)
 
@@ -100,22 +137,38 @@ class PeerLink(asyncio.BufferedProtocol):
     # -- asyncio protocol --------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
-        sock = transport.get_extra_info("socket")
+        sock = self._sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for opt, val in ((socket.SO_SNDBUF, 4 << 20), (socket.SO_RCVBUF, 4 << 20)):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, val)
-                except OSError:
-                    pass
         peer = transport.get_extra_info("peername")
         self.peer_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-        self.node.on_link_made(self)
-        self.send_control(P.HELLO, {**self.node.hello(), "challenge": self.challenge})
+        self.node.on_link_made(self)  # may refuse it at once (abort)
+        if self.closed:
+            return
+        self.hs = LinkHandshake(self.node.link_params, dialer=self.outbound,
+                                nonce=os.urandom(NONCE_LEN), now=self.loop.time(),
+                                local_state=self.node.local_state)
+        self._handle(self.hs.start())
+
+    def check_time(self, now: float, idle_timeout: float) -> None:
+        """The node's timer, for a link still in the handshake."""
+        hs = self.hs
+        if hs is None or self.closed:
+            return
+        if hs.peer_authenticated:  # trusted now: only a stall ends it (large STATE)
+            if now - self.last_rx > idle_timeout:
+                self._refused(Refused(f"handshake stalled: nothing received for "
+                                      f"{idle_timeout:g}s", False, True))
+            return
+        self._handle(hs.check_time(now))
 
     def connection_lost(self, exc):
         self.closed = True
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "peer closed")
+        if self.hs is not None and not self.close_reason:
+            # ended by the peer (or the network) in the handshake, without a word
+            self.node.on_link_refused(self, Refused(f"{reason} during the link handshake",
+                                                    True, self.hs.peer_authenticated))
         self.node.on_link_lost(self, reason)
 
     def pause_writing(self):
@@ -134,6 +187,10 @@ class PeerLink(asyncio.BufferedProtocol):
         return self._paused
 
     def get_buffer(self, sizehint):
+        if self.hs is not None:
+            if self.hs.peer_authenticated and len(self._hs_buf) < RECV_CHUNK:
+                self._hs_buf = bytearray(RECV_CHUNK)  # its STATE may be large
+            return self._hs_buf
         if self._big is not None:
             return self._big_view[self._got:]
         if self._end >= RECV_BUF - RECV_CHUNK:
@@ -145,6 +202,9 @@ class PeerLink(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes):
         self.last_rx = self.loop.time()
         self.bytes_received += nbytes
+        if self.hs is not None:
+            self._handshake_data(nbytes)
+            return
         try:
             if self._big is not None:
                 self._got += nbytes
@@ -157,9 +217,13 @@ class PeerLink(asyncio.BufferedProtocol):
             self._end += nbytes
             self._parse()
         except LinkProtocolError as exc:
-            log.error("peer %s broke the link protocol: %s", self.peer_addr, exc)
-            self.node.on_link_error(self, f"protocol error: {exc}", refused_by_me=True)
-            self.abort(f"protocol error: {exc}")
+            self._broken(exc)
+
+    def _broken(self, exc: LinkProtocolError) -> None:
+        """The established peer broke the protocol: record it, drop the connection."""
+        log.error("peer %s broke the link protocol: %s", self.peer_addr, exc)
+        self.node.on_link_refused(self, Refused(f"protocol error: {exc}", False, True))
+        self.abort(f"protocol error: {exc}")
 
     def eof_received(self):
         return False
@@ -205,41 +269,87 @@ class PeerLink(asyncio.BufferedProtocol):
         self._read_size = SMALL_READ if big else RECV_CHUNK
 
     def _dispatch(self, ptype, flags, pid, offset, size, crc, payload):
-        if self.phase == "established":
-            handler = self.node.handlers.get(ptype)
-            if handler is None:
-                raise LinkProtocolError(f"unexpected packet type {ptype}")
-            handler(self, flags, pid, offset, size, crc, payload)
+        handler = self.node.handlers.get(ptype)
+        if handler is None:
+            raise LinkProtocolError(f"unexpected packet type {ptype}")
+        handler(self, flags, pid, offset, size, crc, payload)
+
+    # -- handshake ---------------------------------------------------------------------------
+    def _handshake_data(self, nbytes: int) -> None:
+        hs = self.hs
+        try:
+            events = hs.receive_data(memoryview(self._hs_buf)[:nbytes], self.loop.time())
+        except LinkProtocolError as exc:
+            self._refused(Refused(f"protocol error: {exc}", False, hs.peer_authenticated),
+                          abort=True)
             return
-        body = proto.decode_control(payload) if ptype in proto.CONTROL_TYPES else None
-        if ptype == P.REFUSE:
-            reason = str(body.get("reason", "no reason given"))
-            log.error("peer %s refused the connection: %s", self.peer_addr, reason)
-            self.node.on_link_error(self, f"peer refused: {reason}", refused_by_me=False)
-            self.close(f"peer refused: {reason}")
-        elif ptype == P.HELLO and self.phase == "hello":
-            self.peer_hello = body
-            reason = self.node.check_hello(body)
-            if reason:
-                self.refuse(reason)
+        self._handle(events)
+
+    def _handle(self, events: list) -> None:
+        for ev in events:
+            if self.closed:
                 return
-            self.phase = "auth"
-            challenge = proto.need(body, "challenge", bytes)
-            self.send_control(P.AUTH, {"response": self.node.auth_response(challenge)})
-        elif ptype == P.AUTH and self.phase == "auth":
-            if not self.node.auth_ok(self.challenge, proto.need(body, "response", bytes)):
-                self.refuse("authentication failed: the shared secrets differ")
-                return
-            reason = self.node.check_peer_after_auth(self.peer_hello)
-            if reason:
-                self.refuse(reason)
-                return
-            self.phase = "state"
-            self.send_control(P.STATE, self.node.local_state())
-        elif ptype == P.STATE and self.phase == "state":
-            self.phase = "established"
-            self.node.on_link_established(self, body)
-        elif ptype in (P.PING, P.PING_ACK):
-            pass
+            if isinstance(ev, Send):
+                self.send(ev.data)
+            elif isinstance(ev, StartTls):
+                self.flush()  # the plaintext STARTTLS answer goes out before TLS starts
+                self.transport.pause_reading()
+                self.loop.create_task(self._start_tls())
+            elif isinstance(ev, Established):
+                self._established(ev)
+            elif isinstance(ev, Refused):
+                self._refused(ev)
+
+    def _refused(self, ev: Refused, abort: bool = False) -> None:
+        self.node.on_link_refused(self, ev)
+        if abort:
+            self.abort(ev.reason)
         else:
-            raise LinkProtocolError(f"packet type {ptype} not valid in phase {self.phase}")
+            self.close(ev.reason)  # after the REFUSE queued for the peer, if any
+
+    async def _start_tls(self) -> None:
+        ctx = self.node.tls_context(server_side=not self.outbound)
+        try:
+            transport = await self.loop.start_tls(self.transport, self, ctx,
+                                                  server_side=not self.outbound)
+        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+            if not self.closed:
+                self._refused(Refused(f"TLS handshake failed: {exc or type(exc).__name__}",
+                                      False, False), abort=True)
+            return
+        if self.closed:
+            transport.abort()
+            return
+        self.transport = transport
+        error = tls.check_peer(transport.get_extra_info("ssl_object"), self.node.peer_cfg)
+        try:
+            events = self.hs.tls_done(error, self.loop.time())
+        except LinkProtocolError as exc:
+            self._refused(Refused(f"protocol error: {exc}", False, False), abort=True)
+            return
+        self._handle(events)
+
+    def _established(self, ev: Established) -> None:
+        self.hs = None
+        self.established = True
+        self.peer_hello = ev.hello
+        self._buf = bytearray(RECV_BUF)
+        self._mv = memoryview(self._buf)
+        self._pool = BufferPool()
+        self._hs_buf = None
+        sock = self._sock
+        if sock is not None:
+            for opt, val in ((socket.SO_SNDBUF, 4 << 20), (socket.SO_RCVBUF, 4 << 20)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, val)
+                except OSError:
+                    pass
+        n = len(ev.leftover)
+        self._mv[:n] = ev.leftover
+        self._start, self._end = 0, n
+        self.node.on_link_established(self, ev.state)
+        if n and not self.closed:
+            try:
+                self._parse()
+            except LinkProtocolError as exc:
+                self._broken(exc)

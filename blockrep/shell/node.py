@@ -25,11 +25,13 @@ from ..config import ResourceConfig
 from ..disk import Disk
 from ..nbd.handshake import make_export
 from ..peer import messages, proto
+from ..peer.handshake import HandshakeParams, Refused
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role
 from . import connect
+from . import tls as tls_mod
 from .admin import AdminServer
-from .link import PeerLink
+from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
 from . import resync
@@ -74,6 +76,13 @@ class Node:
         self.discard_my_data = False
         self.link: PeerLink | None = None
         self.handshaking: set[PeerLink] = set()
+        self.dials = self.name < self.peer_cfg.name  # one side dials, so links never cross
+        self.link_params = HandshakeParams(
+            resource=cfg.name, me=self.name, peer=self.peer_cfg.name,
+            secret=cfg.shared_secret.encode(), size=self.size, tls=cfg.tls,
+            timeout=cfg.handshake_timeout)
+        self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
+        self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
         self.applier = Applier(self)
         self.replicator = Replicator(self)
@@ -200,10 +209,9 @@ class Node:
 
     # -- peer connection management ----------------------------------------------------------
     async def _dialer(self) -> None:
-        dials = self.name < self.peer_cfg.name  # one side dials, so links never cross
         while True:
-            if (dials and self.conn != ConnState.STANDALONE and self.link is None
-                    and not self.handshaking):
+            if (self.dials and self.conn != ConnState.STANDALONE and self.link is None
+                    and not any(link.outbound for link in self.handshaking)):
                 host, port = self.peer_cfg.address
                 try:
                     await asyncio.wait_for(self.loop.create_connection(
@@ -221,8 +229,7 @@ class Node:
             await asyncio.sleep(tick)
             now = self.loop.time()
             for link in list(self.handshaking):
-                if now - link.last_rx > cfg.timeout:
-                    link.abort("handshake timed out")
+                link.check_time(now, cfg.timeout)
             link = self.link
             if link is None or link.closed:
                 continue
@@ -240,41 +247,26 @@ class Node:
                     self.replicator.periodic_barrier(link)
 
     def on_link_made(self, link: PeerLink) -> None:
+        """A new connection, before any byte is read: refuse it at once, or let it
+        handshake (at most max-handshakes inbound ones at a time)."""
         if self.conn == ConnState.STANDALONE:
             link.abort("StandAlone: not accepting connections")
             return
+        if not link.outbound:
+            why = None
+            if self.dials:
+                why = (f"this node dials its peer {self.peer_cfg.name}; it accepts no link "
+                       f"connections")
+            elif sum(not h.outbound for h in self.handshaking) >= self.cfg.max_handshakes:
+                why = f"{self.cfg.max_handshakes} link connections already in the handshake"
+            if why:
+                self.rejections.record(why, link.peer_addr, self.loop.time())
+                link.abort(why)
+                return
         self.handshaking.add(link)
 
-    def hello(self) -> dict:
-        return {"version": proto.VERSION, "features": proto.FEATURES,
-                "resource": self.cfg.name, "node": self.name, "size": self.size}
-
-    def check_hello(self, body: dict) -> str | None:
-        v = body.get("version")
-        if v != proto.VERSION:
-            return f"link protocol version {v!r} is not supported (this node speaks " \
-                   f"{proto.VERSION})"
-        if body.get("resource") != self.cfg.name:
-            return (f"resource name differs: this node serves {self.cfg.name!r}, the peer "
-                    f"offered {body.get('resource')!r}")
-        if body.get("node") != self.peer_cfg.name:
-            return (f"unexpected peer node {body.get('node')!r} (the configuration names "
-                    f"{self.peer_cfg.name!r})")
-        return None
-
-    def auth_response(self, challenge: bytes) -> bytes:
-        return proto.auth_response(self.cfg.shared_secret, challenge, self.name, self.cfg.name)
-
-    def auth_ok(self, my_challenge: bytes, response: bytes) -> bool:
-        return proto.auth_ok(self.cfg.shared_secret, my_challenge, self.peer_cfg.name,
-                             self.cfg.name, response)
-
-    def check_peer_after_auth(self, hello: dict) -> str | None:
-        size = hello.get("size")
-        if size != self.size:
-            return (f"disk sizes differ: this node ({self.name}) has {self.size} bytes, "
-                    f"the peer ({self.peer_cfg.name}) has {size} bytes")
-        return None
+    def tls_context(self, server_side: bool):
+        return self._tls[0] if server_side else self._tls[1]
 
     def local_state(self) -> dict:
         return {"role": self.role.value, "disk": self.disk_state.value,
@@ -284,9 +276,21 @@ class Node:
                 "discard_my_data": self.discard_my_data,
                 "changes": self.bitmap.count()}
 
-    def on_link_error(self, link: PeerLink, reason: str, refused_by_me: bool) -> None:
-        self.last_error = reason
-        self.emit("connection-error", reason=reason)
+    def on_link_refused(self, link: PeerLink, ev: Refused) -> None:
+        if ev.authenticated:
+            log.error("link to %s: %s", self.peer_cfg.name, ev.reason)
+            self.last_error = ev.reason
+            self.emit("connection-error", reason=ev.reason)
+            if ev.standalone:  # the refusal needs the operator: stop reconnecting
+                self.set_connection(ConnState.STANDALONE)
+            return
+        # before the peer proved itself: nothing changes but the record of refusals; while
+        # no link is established the operator sees the latest reason as last_error too
+        logged = self.rejections.record(ev.reason, link.peer_addr, self.loop.time())
+        if self.link is None:
+            self.last_error = ev.reason
+            if logged:
+                self.emit("connection-error", reason=ev.reason)
 
     def on_link_writable(self, link: PeerLink) -> None:
         if self.resync_source is not None:
@@ -443,7 +447,7 @@ class Node:
 
     def send_state(self) -> None:
         link = self.link
-        if link is not None and not link.closed and link.phase == "established":
+        if link is not None and not link.closed and link.established:
             link.send_control(P.CONTROL, {"op": "state", "role": self.role.value,
                                           "disk": self.disk_state.value})
 

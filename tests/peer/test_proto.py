@@ -1,5 +1,5 @@
 """blockrep.peer.proto: header framing against hand-built bytes, control messages, data CRCs
-and the authentication MAC (docs/wire-protocol.md).
+(docs/wire-protocol.md). The handshake and its proofs: tests/peer/test_handshake.py.
 
 Expected bytes are assembled with struct and MAGIC, never with the encoder. Decoders must
 raise nothing but LinkProtocolError on arbitrary input.
@@ -7,8 +7,6 @@ raise nothing but LinkProtocolError on arbitrary input.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 
 import msgpack
@@ -27,8 +25,6 @@ from blockrep.peer.proto import (
     MAX_PAYLOAD,
     LinkProtocolError,
     P,
-    auth_ok,
-    auth_response,
     check_crc,
     data_header,
     decode_control,
@@ -55,7 +51,7 @@ def hand_header(ptype, flags=0, pid=0, offset=0, size=0, paylen=0, crc=0, magic=
 def test_constants():
     assert struct.pack(">I", MAGIC) == b"BREP"
     assert HEADER_SIZE == 36
-    assert proto.CHALLENGE_LEN == 32
+    assert proto.VERSION == 2
     assert CONTROL_TYPES == {P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL}
     assert DATA_TYPES == {P.DATA, P.RS_DATA}
     assert not CONTROL_TYPES & DATA_TYPES
@@ -253,66 +249,6 @@ def test_check_crc_single_bit_flip():
         assert not check_crc(payload, crc)
         payload[i] ^= 1
     assert check_crc(payload, crc)
-
-
-# -- authentication ----------------------------------------------------------------------------
-
-CH = bytes(range(32))
-
-
-def test_auth_response_known_answer():
-    msg = b"blockrep-auth-v1\x00" + CH + b"\x00" + b"alpha" + b"\x00" + b"r0"
-    expected = hmac.new(b"s3cret", msg, hashlib.sha256).digest()
-    assert auth_response("s3cret", CH, "alpha", "r0") == expected
-    assert len(expected) == 32
-
-
-def test_auth_ok_correct():
-    r = auth_response("s3cret", CH, "alpha", "r0")
-    assert auth_ok("s3cret", CH, "alpha", "r0", r)
-    assert auth_ok("s3cret", CH, "alpha", "r0", bytearray(r))
-    assert auth_ok("s3cret", CH, "alpha", "r0", memoryview(r))
-
-
-@pytest.mark.parametrize("secret, challenge, responder, resource", [
-    ("s3creT", CH, "alpha", "r0"),          # wrong secret
-    ("", CH, "alpha", "r0"),
-    ("s3cret", CH[::-1], "alpha", "r0"),    # other challenge (replay)
-    ("s3cret", CH[:-1], "alpha", "r0"),
-    ("s3cret", CH, "beta", "r0"),           # reflected back by the other node
-    ("s3cret", CH, "alpha", "r1"),          # other resource
-    ("s3cret", CH, "alpha\x00r0", ""),      # field boundaries shifted
-    ("s3cret", CH, "alph", "a\x00r0"),
-])
-def test_auth_wrong_inputs_fail(secret, challenge, responder, resource):
-    r = auth_response("s3cret", CH, "alpha", "r0")
-    assert not auth_ok(secret, challenge, responder, resource, r)
-    assert auth_response(secret, challenge, responder, resource) != r
-
-
-@pytest.mark.parametrize("mangle", [
-    lambda r: r[:-1], lambda r: r + b"\x00", lambda r: b"", lambda r: bytes(32),
-    lambda r: bytes([r[0] ^ 1]) + r[1:], lambda r: r[:-1] + bytes([r[-1] ^ 0x80]),
-])
-def test_auth_wrong_response_fails(mangle):
-    r = auth_response("s3cret", CH, "alpha", "r0")
-    assert not auth_ok("s3cret", CH, "alpha", "r0", mangle(r))
-
-
-@SETTINGS
-@given(st.text(min_size=1, max_size=20), st.binary(min_size=32, max_size=32),
-       st.text(max_size=10), st.text(max_size=10), st.binary(max_size=40))
-def test_auth_random_response_rejected(secret, challenge, who, res, response):
-    good = auth_response(secret, challenge, who, res)
-    assert auth_ok(secret, challenge, who, res, good)
-    if response != good:
-        assert not auth_ok(secret, challenge, who, res, response)
-
-
-def test_auth_unicode_names():
-    r = auth_response("sécret", CH, "nöde", "rés")
-    assert auth_ok("sécret", CH, "nöde", "rés", r)
-    assert not auth_ok("secret", CH, "nöde", "rés", r)
 
 
 # -- need() ------------------------------------------------------------------------------------
