@@ -53,7 +53,7 @@ class Rejections:
             self._unlogged += 1
             return False
         more = f" ({self._unlogged} more not logged)" if self._unlogged else ""
-        log.warning("link connection from %s refused before authentication: %s%s", addr,
+        log.warning("link connection with %s refused before authentication: %s%s", addr,
                     reason, more)
         self._logged_at, self._unlogged = now, 0
         return True
