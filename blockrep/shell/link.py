@@ -70,6 +70,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.hs: LinkHandshake | None = None  # until established
         self.established = False
+        self.tls_version = ""  # "TLSv1.3" once the link runs over TLS
         self.peer_hello: dict | None = None
         self.peer_addr = "?"
         self.last_rx = self.loop.time()
@@ -167,8 +168,10 @@ class PeerLink(asyncio.BufferedProtocol):
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         if self.hs is not None and not self.close_reason:
             # ended by the peer (or the network) in the handshake, without a word
-            self.node.on_link_refused(self, Refused(f"{reason} during the link handshake",
-                                                    True, self.hs.peer_authenticated))
+            why = f"{reason} during the link handshake"
+            if self.tls_version and not self.hs.peer_authenticated:
+                why += " (right after TLS: it may not accept this node's certificate)"
+            self.node.on_link_refused(self, Refused(why, True, self.hs.peer_authenticated))
         self.node.on_link_lost(self, reason)
 
     def pause_writing(self):
@@ -321,7 +324,12 @@ class PeerLink(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.transport = transport
-        error = tls.check_peer(transport.get_extra_info("ssl_object"), self.node.peer_cfg)
+        obj = transport.get_extra_info("ssl_object")
+        error = tls.check_peer(obj, self.node.peer_cfg)
+        if error is None:
+            self.tls_version = obj.version()
+            log.info("link to the peer over %s (%s) with %s", obj.version(), obj.cipher()[0],
+                     self.peer_addr)
         try:
             events = self.hs.tls_done(error, self.loop.time())
         except LinkProtocolError as exc:
