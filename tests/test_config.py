@@ -465,3 +465,56 @@ def test_loads_bad_toml_is_one_line():
     assert "\n" not in str(ei.value) and "x.toml" in str(ei.value)
     with pytest.raises(ConfigError):
         config.loads(b"\xff\xfe", "x.toml")
+
+
+# -- link security: handshake bounds and TLS --------------------------------------------------
+
+def test_link_security_defaults():
+    cfg = parse(base())
+    assert (cfg.handshake_timeout, cfg.max_handshakes, cfg.tls) == (5.0, 8, False)
+    assert cfg.nodes["alpha"].tls_cert == cfg.nodes["alpha"].tls_fingerprint == ""
+
+
+def test_handshake_bounds_parsed_and_checked():
+    cfg = parse(with_(lambda r: r["resource"].update({"handshake-timeout": 2,
+                                                      "max-handshakes": 3})))
+    assert (cfg.handshake_timeout, cfg.max_handshakes) == (2.0, 3)
+    bad(with_(lambda r: r["resource"].update({"handshake-timeout": 0})),
+        "resource.handshake-timeout must be positive")
+    bad(with_(lambda r: r["resource"].update({"max-handshakes": 0})),
+        "resource.max-handshakes must be 1..1024")
+    bad(with_(lambda r: r["resource"].update({"max-handshakes": True})), "max-handshakes",
+        "wrong type")
+
+
+def _tls(r):
+    r["resource"].update({"tls": True, "tls-ca": "/etc/ca.crt", "tls-cert": "/etc/d.crt",
+                          "tls-key": "/etc/d.key"})
+    r["node"]["alpha"].update({"tls-cert": "/etc/a.crt", "tls-key": "/etc/a.key",
+                               "tls-fingerprint": "AB:" * 31 + "AB"})
+
+
+def test_tls_node_values_override_resource_defaults():
+    cfg = parse(with_(_tls))
+    a, b = cfg.nodes["alpha"], cfg.nodes["beta"]
+    assert cfg.tls is True
+    assert (a.tls_cert, a.tls_key, a.tls_ca) == ("/etc/a.crt", "/etc/a.key", "/etc/ca.crt")
+    assert (b.tls_cert, b.tls_key, b.tls_ca) == ("/etc/d.crt", "/etc/d.key", "/etc/ca.crt")
+    assert a.tls_fingerprint == "ab" * 32 and b.tls_fingerprint == ""
+
+
+def test_tls_needs_files_for_every_node():
+    def no_key(r):
+        _tls(r)
+        del r["resource"]["tls-key"]
+    bad(with_(no_key), "tls = true needs tls-key in [node.beta] or [resource]")
+
+
+@pytest.mark.parametrize("value", ["ab" * 31, "zz" * 32, "ab" * 33, "x"])
+def test_tls_fingerprint_must_be_sha256_hex(value):
+    bad(with_(lambda r: r["node"]["beta"].update({"tls-fingerprint": value})),
+        "node.beta.tls-fingerprint", "64 hex digits")
+
+
+def test_tls_must_be_a_boolean():
+    bad(with_(lambda r: r["resource"].update({"tls": "yes"})), "resource.tls", "wrong type")
