@@ -100,9 +100,10 @@ class Target:
 
 class ReplicatedTarget(Target):
     """A blockrep primary with a connected secondary: blockrep.loopback's pair (the one the
-    demo and the tests use), run by `py` (this checkout's Python, or a baseline's)."""
+    demo and the tests use), run by `py` (this checkout's Python, or a baseline's); with
+    tls=True the link runs over mutual TLS (certificates made here with trustme)."""
 
-    def __init__(self, name: str, disk: str, tmp: str, py: str = PY):
+    def __init__(self, name: str, disk: str, tmp: str, py: str = PY, tls: bool = False):
         self.tmp = tmp
         self.disk = disk
         tag = name.replace("@", "-")
@@ -113,6 +114,31 @@ class ReplicatedTarget(Target):
         super().__init__(name, [], self.pair.nbd_port("alpha"), py=py)
         self.cfg = self.pair.configs["alpha"]
         self.nodes = self.pair.procs
+        if tls:
+            self._add_tls(tag)
+
+    def _add_tls(self, tag: str) -> None:
+        import trustme  # a test dependency (pyproject.toml [test])
+
+        ca = trustme.CA()
+        ca_path = os.path.join(self.tmp, f"{tag}-ca.crt")
+        ca.cert_pem.write_to_path(ca_path)
+        files = {}
+        for n in ("alpha", "beta"):
+            leaf = ca.issue_cert(n)
+            files[n] = tuple(os.path.join(self.tmp, f"{tag}-{n}.{x}") for x in ("crt", "key"))
+            leaf.cert_chain_pems[0].write_to_path(files[n][0])
+            leaf.private_key_pem.write_to_path(files[n][1])
+        for path in set(self.pair.configs.values()):
+            with open(path) as f:
+                text = f.read()
+            text = text.replace("[resource]\n",
+                                f'[resource]\ntls = true\ntls-ca = "{ca_path}"\n')
+            for n, (cert, key) in files.items():
+                text = text.replace(f"[node.{n}]\n",
+                                    f'[node.{n}]\ntls-cert = "{cert}"\ntls-key = "{key}"\n')
+            with open(path, "w") as f:
+                f.write(text)
 
     def cpu_pids(self) -> dict[str, int]:
         return {"primary": self.nodes["alpha"].pid, "secondary": self.nodes["beta"].pid} \
@@ -267,8 +293,8 @@ def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
                     "--listen", f"127.0.0.1:{port}"]
         elif name == "nbdkit":
             argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", disk]
-        elif kind == "blockrep-repl":
-            out.append(ReplicatedTarget(name, disk, tmp, py=py))
+        elif kind in ("blockrep-repl", "blockrep-repl-tls"):
+            out.append(ReplicatedTarget(name, disk, tmp, py=py, tls=kind.endswith("-tls")))
             continue
         elif name in ("qsd-mirror-unix", "qsd-mirror-tcp"):
             out.append(QsdMirrorTarget(name, disk, tmp, name.rsplit("-", 1)[1]))
@@ -642,7 +668,8 @@ def main(argv=None) -> int:
                     help="io: standalone servers; replicated: + primary/secondary pair and "
                          "the qemu-storage-daemon mirror; resync: resync throughput")
     ap.add_argument("--targets", help="comma list: blockrep, nbdkit, qemu-nbd, "
-                                      "blockrep-repl, qsd-mirror-unix, qsd-mirror-tcp")
+                                      "blockrep-repl, blockrep-repl-tls (the link over "
+                                      "TLS), qsd-mirror-unix, qsd-mirror-tcp")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per workload (median)")
@@ -658,7 +685,8 @@ def main(argv=None) -> int:
     if args.mode in ("io", "all", "replicated"):
         if args.targets is None:
             args.targets = "blockrep,nbdkit,qemu-nbd" if args.mode == "io" else \
-                "blockrep,nbdkit,qemu-nbd,blockrep-repl,qsd-mirror-unix,qsd-mirror-tcp"
+                "blockrep,nbdkit,qemu-nbd,blockrep-repl,blockrep-repl-tls,qsd-mirror-unix," \
+                "qsd-mirror-tcp"
         run_io_bench(args)
     if args.mode in ("resync", "all"):
         run_resync_bench(args)
