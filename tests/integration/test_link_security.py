@@ -15,8 +15,8 @@ import struct
 import threading
 import time
 
-from helpers import require_tool, wait_for
-from repltools import MiB, qemu_io, read_at
+from support.helpers import require_tool, wait_for
+from support.repltools import MiB, qemu_io, read_at
 
 from blockrep.peer import proto
 from blockrep.peer.proto import HEADER_SIZE, P
@@ -128,9 +128,13 @@ class ScriptedPeer:
                 threading.Thread(target=lambda: self.results.append(step(s)),
                                  daemon=True).start()
             else:
-                self.forwarded += 1
-                t = socket.create_connection(("127.0.0.1", self.target))
+                try:
+                    t = socket.create_connection(("127.0.0.1", self.target))
+                except OSError:  # beta not listening yet: alpha dials again
+                    s.close()
+                    continue
                 self._socks.append(t)
+                self.forwarded += 1
                 record = self.forwarded == 1
                 threading.Thread(target=self._pipe, args=(s, t, record), daemon=True).start()
                 threading.Thread(target=self._pipe, args=(t, s, False), daemon=True).start()
@@ -258,7 +262,7 @@ def test_reflection_and_replay_are_refused_link_undisturbed(cluster):
     proof, then lets the real link through (and records it). Then that recorded
     transcript is replayed to beta, and beta's own HELLO is sent back to it."""
     require_tool("qemu-io")
-    from faulttools import set_node_value
+    from support.faulttools import set_node_value
 
     c = cluster(size="32M", resource={"handshake-timeout": 2.0})
     peer = ScriptedPeer(c.ports["beta"][0], [reflect_nonce, reflect_proof])
@@ -330,7 +334,7 @@ def _rss(pid: int) -> int:
 def test_unauthenticated_flood_bounded_rss_and_trickle_closed_at_deadline(cluster):
     """200 connections to beta's link port, each announcing a 64 MiB HELLO, while a client
     writes on alpha (replicated to beta); one more trickles a HELLO at 1 byte/s."""
-    from nbd_testlib import RawClient
+    from support.nbd_testlib import RawClient
 
     c = cluster(size="64M", resource={"handshake-timeout": 2.0})
     c.up_pair()

@@ -12,8 +12,8 @@ import ssl
 
 import pytest
 import trustme
-from helpers import require_tool
-from repltools import MiB, qemu_io, read_at
+from support.helpers import require_tool
+from support.repltools import MiB, qemu_io, read_at
 
 
 def edit(path: str, section: str, values: dict | None = None, drop: tuple = ()) -> None:
