@@ -161,10 +161,6 @@ class LinkHandshake:
                           P.PING: lambda body: None, P.PING_ACK: lambda body: None}
 
     @property
-    def label(self) -> str:
-        return DIALER if self.dialer else ACCEPTOR
-
-    @property
     def done(self) -> bool:
         return self.phase in (HsPhase.ESTABLISHED, HsPhase.CLOSED)
 
@@ -345,7 +341,8 @@ class LinkHandshake:
                          tell_peer=False)
             return
         features = body.get("features", 0)
-        if not isinstance(features, int) or not 0 <= features < 1 << 32:
+        if not isinstance(features, int) or isinstance(features, bool) or \
+                not 0 <= features < 1 << 32:
             raise LinkProtocolError("HELLO lacks valid 'features'")
         self.peer_hello = body
         self.peer_features = features

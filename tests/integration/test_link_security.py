@@ -257,6 +257,33 @@ def test_relay_between_the_two_link_ports_is_refused(cluster):
             ev.close()
 
 
+def test_junk_connections_leave_the_healthy_link_alone(cluster):
+    """Garbage, a header announcing a 64 MiB HELLO and an undecodable HELLO, sent to the
+    Secondary's link port while the link is up: each connection is closed, the healthy
+    link's last_error stays empty (link protocol 1 wrote every one of them into it)."""
+    c = cluster(size="32M")
+    c.up_pair()
+    events = {n: Events(c.admin_socket(n)) for n in c.NODES}
+    junk = [b"GET / HTTP/1.0\r\n\r\n" + bytes(40),
+            proto.pack_header(P.HELLO, paylen=64 * MiB),
+            proto.pack_header(P.HELLO, paylen=3) + b"\xc1\xc1\xc1"]
+    try:
+        for data in junk:
+            s = connect(c.ports["beta"][0])
+            s.sendall(data)
+            assert closed_by_peer(s, 10.0), data[:40]
+            s.close()
+        undisturbed(events)
+        for n in c.NODES:
+            st = c.admin(n)
+            assert st["connection"] == "Connected" and st["last_error"] == "", st
+        rej = c.admin("beta")["link_rejections"]
+        assert rej["count"] >= len(junk), rej
+    finally:
+        for ev in events.values():
+            ev.close()
+
+
 def test_reflection_and_replay_are_refused_link_undisturbed(cluster):
     """alpha dials through a party that first reflects alpha's own nonce, then its own
     proof, then lets the real link through (and records it). Then that recorded
