@@ -193,13 +193,13 @@ class Node:
         """Clean stop of a connected Primary: end the epoch with a flushing barrier and
         wait (at most `timeout`) for its ack, so the transfer log is empty and its writes
         need not be marked out of sync when the link closes."""
-        r = self.replicator
+        r, tl = self.replicator, self.replicator.log
         link = self.replicating_link()
-        if link is None or not self.is_primary or not (r.tl or r.pending or r.epoch_writes):
+        if link is None or not self.is_primary or not (tl.tl or tl.pending or tl.epoch_writes):
             return
         r.close_epoch(link, flush=True)
         deadline = self.loop.time() + self.cfg.timeout
-        while (r.tl or r.pending) and not link.closed and self.loop.time() < deadline:
+        while (tl.tl or tl.pending) and not link.closed and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
 
     def run_io(self, fn, done) -> None:
