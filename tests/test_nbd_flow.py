@@ -82,7 +82,8 @@ def attach(server, loop):
 def make_server(limits, pending):
     export = Export("", 1 << 30, TF.HAS_FLAGS | TF.SEND_FLUSH)
     return NbdServer(None, export, limits=limits,
-                     submit=lambda kind, off, n, data, flags, cb: pending.append(cb))
+                     submit=lambda kind, off, n, data, fua, may_trim, fast_zero, cb, key:
+                     pending.append(lambda err: cb(key, err)))
 
 
 def writes(n, size=4096, first_cookie=1):
