@@ -22,7 +22,7 @@ RESOURCE_KEYS = {
     "name": str, "protocol": str, "shared-secret": str, "ping-interval": (int, float),
     "timeout": (int, float), "connect-interval": (int, float), "run-dir": str,
     "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
-    "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str,
+    "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str, "fencing": str,
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
@@ -33,6 +33,8 @@ NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export"
 NBD_TLS_MODES = ("off", "on", "require")
 TLS_FILES = ("tls-cert", "tls-key", "tls-ca")
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
+FENCING = ("dont-care", "resource-only")
+HANDLER_KEYS = {"fence-peer": str, "unfence-peer": str, "fence-peer-timeout": (int, float)}
 SB_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes",
                "discard-younger-primary", "discard-secondary")
 
@@ -76,6 +78,9 @@ class ResourceConfig:
     handshake_timeout: float = 5.0  # the whole link handshake, up to the peer's proof
     max_handshakes: int = 8  # inbound link connections not yet authenticated, at once
     tls: bool = False
+    fencing: str = "dont-care"
+    handlers: dict = field(default_factory=dict)  # [handlers]: name -> shell command
+    fence_peer_timeout: float = 60.0
     raw: dict = field(default_factory=dict, repr=False)
 
     def node(self, name: str | None) -> NodeConfig:
@@ -212,7 +217,7 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
     from .disk import parse_size
 
     for key in raw:
-        if key not in ("resource", "node"):
+        if key not in ("resource", "node", "handlers"):
             raise ConfigError(f"{path}: unknown section [{key}]")
     res = raw.get("resource")
     if not isinstance(res, dict):
@@ -320,6 +325,23 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
                 if not getattr(n, key.replace("-", "_")):
                     raise ConfigError(f"{path}: tls = true needs {key} in [node.{n.name}] "
                                       f"or [resource]")
+    if "fencing" in res:
+        if res["fencing"] not in FENCING:
+            raise ConfigError(f"{path}: resource.fencing {res['fencing']!r}: one of "
+                              f"{', '.join(FENCING)}")
+        cfg.fencing = res["fencing"]
+    handlers = raw.get("handlers", {})
+    if not isinstance(handlers, dict):
+        raise ConfigError(f"{path}: [handlers] must be a table")
+    _check_keys(handlers, HANDLER_KEYS, f"{path}: handlers")
+    cfg.handlers = {k: v for k, v in handlers.items() if isinstance(v, str)}
+    if "fence-peer-timeout" in handlers:
+        if handlers["fence-peer-timeout"] <= 0:
+            raise ConfigError(f"{path}: handlers.fence-peer-timeout must be positive")
+        cfg.fence_peer_timeout = float(handlers["fence-peer-timeout"])
+    if cfg.fencing == "resource-only" and not cfg.handlers.get("fence-peer"):
+        raise ConfigError(f"{path}: resource.fencing = \"resource-only\" needs "
+                          f"handlers.fence-peer")
     return cfg
 
 

@@ -392,6 +392,8 @@ def test_parse_address_command_line_errors(text, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_address(text, "--listen", default_port=10809, default_host="127.0.0.1",
                       any_port=True)
+
+
 # -- address clashes (caught when the config is read, not as Errno 98 later) --------------------
 
 def loopback_pair(raw):
@@ -518,3 +520,31 @@ def test_tls_fingerprint_must_be_sha256_hex(value):
 
 def test_tls_must_be_a_boolean():
     bad(with_(lambda r: r["resource"].update({"tls": "yes"})), "resource.tls", "wrong type")
+
+
+# -- fencing and handlers ----------------------------------------------------------------------
+
+def test_fencing_defaults_and_resource_only():
+    cfg = parse(base())
+    assert cfg.fencing == "dont-care" and cfg.handlers == {} and cfg.fence_peer_timeout == 60
+    raw = with_(lambda r: (r["resource"].__setitem__("fencing", "resource-only"),
+                           r.__setitem__("handlers", {"fence-peer": "/bin/fence",
+                                                      "unfence-peer": "/bin/fence -u",
+                                                      "fence-peer-timeout": 5})))
+    cfg = parse(raw)
+    assert cfg.fencing == "resource-only"
+    assert cfg.handlers == {"fence-peer": "/bin/fence", "unfence-peer": "/bin/fence -u"}
+    assert cfg.fence_peer_timeout == 5.0
+
+
+def test_fencing_errors():
+    bad(with_(lambda r: r["resource"].__setitem__("fencing", "stonith")),
+        "resource.fencing 'stonith'", "dont-care, resource-only")
+    bad(with_(lambda r: r["resource"].__setitem__("fencing", "resource-only")),
+        "needs handlers.fence-peer")
+    bad(with_(lambda r: r.__setitem__("handlers", {"fence-peer": 3})),
+        "handlers.fence-peer: wrong type")
+    bad(with_(lambda r: r.__setitem__("handlers", {"split-brainz": "x"})),
+        "handlers: unknown key 'split-brainz'")
+    bad(with_(lambda r: r.__setitem__("handlers", {"fence-peer-timeout": 0})),
+        "fence-peer-timeout must be positive")

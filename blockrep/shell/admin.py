@@ -383,6 +383,7 @@ def status(node) -> dict:
             "resync_differing_bytes": node.resync_differing_bytes,
         },
         "metadata": node.store.describe() if node.store is not None else None,
+        "fencing": node.fencer.status(),
     }
 
 

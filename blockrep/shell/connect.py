@@ -91,6 +91,8 @@ def established(node, link, body: dict) -> None:
                 and node.gen.current == peer_gen.current:
             node.peer_disk = DiskState.UP_TO_DATE
         node.skip_initial_sync = False
+        if node.disk_state == node.peer_disk == DiskState.UP_TO_DATE:
+            node.fencer.peer_up_to_date()
     elif s in (Strategy.SOURCE, Strategy.SOURCE_FULL):
         resync.start_source(node, link, full=s == Strategy.SOURCE_FULL,
                             csum=d.checksum_resync, peer_gen=peer_gen)

@@ -31,6 +31,7 @@ from ..state import ConnState, DiskState, ReplState, Role
 from . import connect
 from . import tls as tls_mod
 from .admin import AdminServer
+from .fencing import Fencer
 from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
@@ -86,6 +87,7 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
         self.applier = Applier(self)
         self.replicator = Replicator(self)
+        self.fencer = Fencer(self)
         self.resync_source: ResyncSource | None = None
         self.resync_target: ResyncTarget | None = None
         self.resync_task: asyncio.Task | None = None
@@ -141,8 +143,8 @@ class Node:
             lambda: PeerLink(self, outbound=False), host, port, reuse_address=True))
         export = make_export(self.me.export, self.size,
                              description=f"blockrep resource {self.cfg.name} on {self.name}")
-        self.nbd = NbdServer(self.disk, export, submit=self.replicator.submit,
-                             executor=self.executor,
+        target = self.fencer.target(self.replicator)  # holds answers while fencing
+        self.nbd = NbdServer(self.disk, export, submit=target.submit, executor=self.executor,
                              limits=NbdLimits(handshake_timeout=self.cfg.nbd_handshake_timeout),
                              tls=server_tls(self.cfg.nbd_tls, self.me.nbd_tls_cert,
                                             self.me.nbd_tls_key, self.me.nbd_tls_ca or None,
@@ -306,6 +308,9 @@ class Node:
             return
         self.link = None
         was = self.repl
+        fence = was != ReplState.OFF and self.fencer.must_fence()
+        if fence:
+            self.fencer.suspend()  # before the pending writes complete below
         self.set_replication(ReplState.OFF)
         if self.conn != ConnState.STANDALONE:
             self.set_connection(ConnState.CONNECTING)
@@ -332,6 +337,8 @@ class Node:
         log.warning("lost peer %s: %s (out of sync: %d bytes)", self.peer_cfg.name, reason,
                     self.bitmap.count_bytes())
         self.emit("disconnected", reason=reason, out_of_sync_bytes=self.bitmap.count_bytes())
+        if fence:
+            self.fencer.fence()
 
     # -- established-link packet handlers ----------------------------------------------------
     def _on_ping(self, link, *a):

@@ -273,6 +273,7 @@ class ResyncTarget:
         node.emit("resync-finished", **node.last_sync)
         node.persist()
         node.send_state()
+        node.fencer.peer_up_to_date()
 
     # -- data --------------------------------------------------------------------------------
     def on_rs_data(self, link, flags, pid, offset, size, crc, payload):
@@ -441,6 +442,7 @@ async def _run_source(node, link, ex, csum: bool, peer_gen) -> None:
     node.emit("resync-finished", **node.last_sync)
     node.persist()
     node.send_state()
+    node.fencer.peer_up_to_date()
 
 
 def start_target(node, link, *, full: bool, total: int) -> None:
