@@ -9,8 +9,8 @@ import os
 import threading
 import time
 
-from helpers import require_tool
-from repltools import qemu_io
+from support.helpers import require_tool
+from support.repltools import qemu_io
 
 
 def _handlers(c, tmp_path, delay: float, fencing: str = "resource-only") -> dict:

@@ -17,9 +17,9 @@ import sys
 import time
 
 import pytest
-from helpers import PY, ROOT, require_tool, run, wait_for
-from pcmk import AGENT_DIR, CLUSTER_NET, NODES, REPL_NET, Pacemaker, clone_xml, status_json
-from repltools import qemu_io
+from support.helpers import PY, ROOT, require_tool, run, wait_for
+from support.pcmk import AGENT_DIR, CLUSTER_NET, NODES, REPL_NET, Pacemaker, clone_xml, status_json
+from support.repltools import qemu_io
 
 MiB = 1 << 20
 BLOCKREP = os.path.join(os.path.dirname(sys.executable), "blockrep")

@@ -22,7 +22,7 @@ import subprocess
 import textwrap
 import time
 
-from helpers import ROOT, run, wait_for
+from support.helpers import ROOT, run, wait_for
 
 NODES = ("alpha", "beta")
 CLUSTER_NET = {"alpha": "10.77.0.1", "beta": "10.77.0.2"}
