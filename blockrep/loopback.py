@@ -65,6 +65,18 @@ def config_text(resource: dict, nodes: dict[str, dict], comment: str = "") -> st
     return "\n".join(lines) + "\n"
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
+    """SIGTERM (a clean shutdown), SIGKILL after `timeout`; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class LoopbackPair:
     """Nodes alpha and beta of resource `name` under `directory`.
 
@@ -175,16 +187,7 @@ class LoopbackPair:
     def stop(self, node: str, timeout: float = 15.0) -> int | None:
         """SIGTERM (a clean shutdown), SIGKILL after `timeout`; the exit status."""
         p = self.procs.get(node)
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
+        return None if p is None else stop_process(p, timeout)
 
     def stop_all(self) -> None:
         for n in NODES:

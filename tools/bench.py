@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from blockrep.loopback import LoopbackPair, PairError
+from blockrep.loopback import LoopbackPair, PairError, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -85,13 +85,8 @@ class Target:
         wait_port(self.port, self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
 
     @property
     def uri(self) -> str:

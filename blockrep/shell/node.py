@@ -35,7 +35,6 @@ from .fencing import Fencer
 from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
-from . import resync
 from .bitmap_io import BitmapExchange, BitmapWriter
 from .replication import Applier, Replicator
 from .resync import ResyncSource, ResyncTarget
