@@ -108,9 +108,7 @@ class Replicator:
                 fut.set_result(None)
 
     def _conflicts(self, offset: int, length: int) -> bool:
-        if self.local_busy and self.local_busy.overlaps(offset, length):
-            return True
-        if self.applier_busy and self.applier_busy.overlaps(offset, length):
+        if self.landing(offset, length):
             return True
         rs = self.node.resync_source
         return rs is not None and rs.inflight.overlaps(offset, length)
