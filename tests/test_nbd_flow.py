@@ -81,9 +81,18 @@ def attach(server, loop):
 
 def make_server(limits, pending):
     export = Export("", 1 << 30, TF.HAS_FLAGS | TF.SEND_FLUSH)
-    return NbdServer(None, export, limits=limits,
-                     submit=lambda kind, off, n, data, fua, may_trim, fast_zero, cb, key:
-                     pending.append(lambda err: cb(key, err)))
+    return NbdServer(None, export, limits=limits, target=_HeldTarget(pending))
+
+
+class _HeldTarget:
+    """Answers nothing by itself: each answer waits in `pending` until the test calls it."""
+    holds_data = True
+
+    def __init__(self, pending):
+        self.pending = pending
+
+    def submit(self, kind, off, n, data, fua, may_trim, fast_zero, cb, key):
+        self.pending.append(lambda err: cb(key, err))
 
 
 def writes(n, size=4096, first_cookie=1):

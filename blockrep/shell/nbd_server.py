@@ -19,9 +19,9 @@ Handshake, TLS and the bounds that pause a connection: nbd_session.py (docs/nbd.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from ..nbd import proto
 from .buffers import BufferPool
@@ -41,7 +41,8 @@ from ..nbd.constants import (
 )
 from ..nbd.handshake import Export, HandshakeServer
 from ..nbd.transmission import RequestRules, nbd_errno, nbd_error
-from .target import FLUSH, TRIM, WRITE, ZERO  # the neutral request kinds
+from ..peer.requests import KIND_NAMES
+from .target import FLUSH, TRIM, WRITE, ZERO, LocalTarget  # the neutral request kinds
 
 
 
@@ -71,14 +72,13 @@ class NbdServer:
     """Serves one backend under one or more export names, on any number of listeners."""
 
     def __init__(self, backend, export: Export, *, exports: dict[str, Export] | None = None,
-                 submit=None, executor: ThreadPoolExecutor | None = None,
+                 target=None, executor: ThreadPoolExecutor | None = None,
                  limits: NbdLimits | None = None, tls: NbdTls | None = None):
-        """`backend` serves reads (a Disk). Writes go to it directly, or, when `submit` is
-        given (replication), to submit(kind, offset, length, data, flags, callback(err)).
-        Large requests run in `executor` (a replicated node passes its one pool), or in a
-        pool of the server's own."""
+        """`backend` serves reads (a Disk). Write-type requests go to `target` in the
+        neutral form of shell/target.py: the replicator of a replicated resource, or by
+        default a LocalTarget on the backend. Thread work runs in `executor` (a replicated
+        node passes its one pool), or in a pool of the server's own."""
         self.backend = backend
-        self.submit = submit
         self.refusal: str | None = None  # when set, the handshake refuses every export
         self.export = export
         self.exports = exports or {export.name: export}
@@ -94,6 +94,7 @@ class NbdServer:
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(max_workers=4,
                                                        thread_name_prefix="blockrep-io")
+        self.target = target or LocalTarget(backend, self.executor)
 
     def resume_throttled(self) -> None:
         """Connections held by the per-server bound read again (each checks its own)."""
@@ -148,7 +149,8 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._read_batch = lim.read_batch
         self._lost = False
         self._tls_pending = False  # STARTTLS acknowledged, TLS handshake running
-        self._submit = server.submit
+        self._submit = server.target.submit
+        self._copy = server.target.holds_data  # it keeps the payload: not a view of the ring
         self._complete_scheduled = False
         self.rules: RequestRules | None = None
         self.structured = False
@@ -204,11 +206,9 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             if view is None:
                 self._reply_err(cookie, err)
                 self._flush_out()
-            elif self._submit is not None:
+            else:
                 self._submit_req(WRITE, flags, cookie, offset, length, view)
-            else:  # inline: measured faster than a thread hand-off, even for 1 MiB
-                self._write(flags, cookie, offset, view)
-                self._flush_out()
+                self._flush_out()  # an answer given inline
             return
         self._end += nbytes
         if self.hs is not None:
@@ -251,10 +251,9 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                     pos = p0 + length
                     if err:
                         self._reply_err(cookie, err)
-                    elif self._submit is not None:  # the ring is reused: copy for the link
-                        self._submit_req(WRITE, flags, cookie, offset, length, bytes(mv[p0:pos]))
-                    else:
-                        self._write(flags, cookie, offset, mv[p0:pos])
+                    else:  # the ring is reused: a target that keeps the data gets a copy
+                        self._submit_req(WRITE, flags, cookie, offset, length,
+                                         bytes(mv[p0:pos]) if self._copy else mv[p0:pos])
                     continue
                 if length >= BIG_IO or err:
                     # receive the rest outside the ring (or drain it, for a refused write)
@@ -325,14 +324,6 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
 
     # -- commands ----------------------------------------------------------------------------
-    def _write(self, flags, cookie, offset, data):
-        try:
-            self.backend.write(offset, data, bool(flags & _FUA))
-            err = 0
-        except OSError as exc:
-            err = nbd_error(exc)
-        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
-
     def _cmd_read(self, flags, cookie, offset, length):
         backend = self.backend
         out = self._out
@@ -388,25 +379,13 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             raise
 
     def _cmd_flush(self, flags, cookie, offset, length):
-        if self._submit is not None:
-            self._submit_req(FLUSH, flags, cookie, offset, length, None)
-            return
-        self._run_async(cookie, NbdCmd.FLUSH, self.backend.flush)
+        self._submit_req(FLUSH, flags, cookie, offset, length, None)
 
     def _cmd_trim(self, flags, cookie, offset, length):
-        if self._submit is not None:
-            self._submit_req(TRIM, flags, cookie, offset, length, None)
-            return
-        self.backend.trim(offset, length, bool(flags & _FUA))
-        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._submit_req(TRIM, flags, cookie, offset, length, None)
 
     def _cmd_zero(self, flags, cookie, offset, length):
-        if self._submit is not None:
-            self._submit_req(ZERO, flags, cookie, offset, length, None)
-            return
-        self.backend.zero(offset, length, may_trim=not flags & _NO_HOLE,
-                          fast=bool(flags & _FAST_ZERO), fua=bool(flags & _FUA))
-        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._submit_req(ZERO, flags, cookie, offset, length, None)
 
     def _cmd_cache(self, flags, cookie, offset, length):
         self.backend.cache(offset, length)
@@ -424,16 +403,27 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
 
     # -- asynchronous completion -------------------------------------------------------------
     def _submit_req(self, kind, flags, cookie, offset, length, data):
-        """Hand a write-type request to the replication layer; it calls back when the
-        replication protocol's promise holds (or with the error)."""
+        """Hand a write-type request to the target: it answers inline (a LocalTarget's
+        page-cache write) or calls back when its promise holds (replication, FLUSH)."""
         self._inflight += 1
         n = length if data is not None else 0  # payload bytes held until completion
         self._wbytes += n
         srv = self.server
         srv.inflight_bytes += n
         # the neutral form (shell/target.py): no NBD flag bits beyond this point
-        self._submit(kind, offset, length, data, flags & _FUA, not flags & _NO_HOLE,
-                     flags & _FAST_ZERO, self._completed_cb, (cookie, n))
+        err = self._submit(kind, offset, length, data, flags & _FUA, not flags & _NO_HOLE,
+                           flags & _FAST_ZERO, self._completed_cb, (cookie, n))
+        if err is not None:  # answered inline: nothing of it stays in flight
+            self._inflight -= 1
+            self._wbytes -= n
+            srv.inflight_bytes -= n
+            if err:
+                if err != errno.ENOTSUP:
+                    iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
+                                KIND_NAMES[kind], offset, length, os.strerror(err))
+                err = nbd_errno(err)
+            self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+            return
         if self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:
             self._hold()
         elif srv.inflight_bytes >= self._node_max:
@@ -469,24 +459,6 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             srv.resume_throttled()
         if not self._inflight and len(self._pool) > POOL_KEEP:
             self._pool.trim(POOL_KEEP_BYTES)
-
-    def _run_async(self, cookie, cmd, fn, *args):
-        """Run fn(*args) in the I/O threads, then send a simple OK or error reply."""
-        self._inflight += 1
-        fut = self._loop.run_in_executor(self._executor, fn, *args)
-        fut.add_done_callback(partial(self._async_done, cookie, cmd))
-        if self._inflight >= self._max_reqs:
-            self._hold()
-
-    def _async_done(self, cookie, cmd, fut):
-        self._inflight -= 1
-        exc = fut.exception()
-        if not self.transport.is_closing():
-            self._reply_err(cookie, nbd_error(exc) if exc else 0, cmd, str(exc) if exc else "")
-            self._flush_out()
-        if self._held:
-            self._maybe_resume()
-        self._wake_idle()
 
     def _wake_idle(self):
         if self._idle is not None and not self._idle.done() and (

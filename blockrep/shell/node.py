@@ -143,7 +143,7 @@ class Node:
         export = make_export(self.me.export, self.size,
                              description=f"blockrep resource {self.cfg.name} on {self.name}")
         target = self.fencer.target(self.replicator)  # holds answers while fencing
-        self.nbd = NbdServer(self.disk, export, submit=target.submit, executor=self.executor,
+        self.nbd = NbdServer(self.disk, export, target=target, executor=self.executor,
                              limits=NbdLimits(handshake_timeout=self.cfg.nbd_handshake_timeout),
                              tls=server_tls(self.cfg.nbd_tls, self.me.nbd_tls_cert,
                                             self.me.nbd_tls_key, self.me.nbd_tls_ca or None,

@@ -331,7 +331,7 @@ class Pair:
         for n in (self.alpha, self.beta):
             n.gen.__dict__.update(st.Generation(current=gen).__dict__)  # the store's too
             n.disk_state = DiskState.UP_TO_DATE
-            n.nbd = NbdServer(n.disk, make_export("", n.size), submit=n.replicator.submit)
+            n.nbd = NbdServer(n.disk, make_export("", n.size), target=n.replicator)
         self.link: MemoryLink | None = None
 
     async def start(self, primary: bool = True) -> "Pair":
