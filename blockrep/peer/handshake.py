@@ -37,13 +37,12 @@ from typing import Callable
 
 from .proto import (
     FEATURES,
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     MAX_CONTROL,
     VERSION,
     LinkProtocolError,
     P,
+    check_header,
     decode_control,
     encode_control,
     need,
@@ -253,9 +252,11 @@ class LinkHandshake:
         buf = self._in
         if len(buf) < HEADER_SIZE:
             return False
-        magic, ptype, _flags, _pid, _off, _size, paylen, _crc = HEADER.unpack_from(buf, 0)
-        if magic != MAGIC:
-            self._fail(f"bad packet magic {magic:#x}")
+        try:
+            _magic, ptype, _flags, _pid, _off, _size, paylen, _crc = check_header(buf)
+        except LinkProtocolError as exc:
+            first = self.phase in (HsPhase.HELLO, HsPhase.STARTTLS)
+            self._fail(f"{exc}{'; is the peer older than link protocol 3?' if first else ''}")
         limit = MAX_CONTROL if self.peer_authenticated else PRE_AUTH_MAX_CONTROL
         if paylen > limit:
             self._fail(f"handshake packet of {paylen} bytes is too large (limit {limit}"

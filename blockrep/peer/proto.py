@@ -1,10 +1,13 @@
 """blockrep's peer link: framing and packet types (sans-IO).
 
-Every packet is a fixed 36-byte header plus a payload:
+Every packet is a fixed 40-byte header plus a payload:
 
     magic u32 | type u16 | flags u16 | id u64 | offset u64 | size u32 | paylen u32 | crc u32
+    | hcrc u32
 
-big-endian. Data packets (P_DATA, P_RS_DATA) carry the block payload as is, with its CRC32C
+big-endian. `hcrc` is the CRC32C of the 36 bytes before it: a header damaged on the way is
+refused (the link drops and resyncs) instead of steering a write to the wrong place or
+leaving it unanswered. Data packets (P_DATA, P_RS_DATA) carry the block payload as is, with its CRC32C
 in `crc`; control packets carry a msgpack map. See docs/wire-protocol.md; the handshake and
 its authentication live in blockrep.peer.handshake.
 Must not: touch sockets or clocks.
@@ -20,11 +23,14 @@ import msgpack
 from .. import native
 
 MAGIC = 0x42524550  # "BREP"
-VERSION = 2  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
+VERSION = 3  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
            # connection-bound authentication, STARTTLS, size in STATE
+           # 3: header checksum (hcrc)
 FEATURES = 0  # feature bits, none yet
-HEADER = struct.Struct(">IHHQQIII")
-HEADER_SIZE = HEADER.size  # 36
+HEADER = struct.Struct(">IHHQQIIII")
+HEADER_SIZE = HEADER.size  # 40
+_FIELDS = struct.Struct(">IHHQQIII")  # the 36 bytes hcrc covers
+_HCRC = struct.Struct(">I")
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
 MAX_CONTROL = 64 * 1024 * 1024  # bitmaps of very large devices travel as control
 
@@ -71,16 +77,33 @@ class LinkProtocolError(Exception):
     """The peer sent something that breaks the link protocol."""
 
 
+def frame(ptype: int, flags: int, pid: int, offset: int, size: int, paylen: int,
+          crc: int, *, _pack=_FIELDS.pack, _hcrc=_HCRC.pack, _crc=native.crc32c) -> bytes:
+    """The 40-byte header of one packet, its checksum included (the hot-path spelling)."""
+    head = _pack(MAGIC, ptype, flags, pid, offset, size, paylen, crc)
+    return head + _hcrc(_crc(head))
+
+
 def pack_header(ptype: int, flags: int = 0, pid: int = 0, offset: int = 0, size: int = 0,
                 paylen: int = 0, crc: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, ptype, flags, pid, offset, size, paylen, crc)
+    return frame(ptype, flags, pid, offset, size, paylen, crc)
+
+
+def check_header(buf, pos: int = 0) -> tuple[int, int, int, int, int, int, int, int]:
+    """-> (magic, type, flags, id, offset, size, paylen, crc) of a header whose checksum
+    holds; raises LinkProtocolError for a bad magic or a damaged header."""
+    fields = HEADER.unpack_from(buf, pos)
+    if fields[0] != MAGIC:
+        raise LinkProtocolError(f"bad packet magic {fields[0]:#x}")
+    if native.crc32c(bytes(buf[pos:pos + 36])) != fields[8]:
+        raise LinkProtocolError("bad packet header checksum (damaged on the link)")
+    return fields[:8]
 
 
 def unpack_header(buf, pos: int = 0) -> tuple[int, int, int, int, int, int, int]:
-    """-> (type, flags, id, offset, size, paylen, crc); checks magic and payload length."""
-    magic, ptype, flags, pid, offset, size, paylen, crc = HEADER.unpack_from(buf, pos)
-    if magic != MAGIC:
-        raise LinkProtocolError(f"bad packet magic {magic:#x}")
+    """-> (type, flags, id, offset, size, paylen, crc); checks magic, header checksum and
+    payload length."""
+    _magic, ptype, flags, pid, offset, size, paylen, crc = check_header(buf, pos)
     if ptype in CONTROL_TYPES:
         if paylen > MAX_CONTROL:
             raise LinkProtocolError(f"control packet of {paylen} bytes is too large")

@@ -19,8 +19,7 @@ from ..peer.proto import P
 
 log = logging.getLogger("blockrep.bitmap")
 
-_HDR = proto.HEADER.pack
-_MAGIC = proto.MAGIC
+_HDR = proto.frame
 
 
 class BitmapWriter:
@@ -90,10 +89,10 @@ class BitmapExchange:
         if link.closed:
             return False
         for w0, n, payload in chunks:
-            link.send(_HDR(_MAGIC, P.BITMAP, 0, w0, 0, n, len(payload),
+            link.send(_HDR(P.BITMAP, 0, w0, 0, n, len(payload),
                            proto.native.crc32c(payload)), payload)
             self.bytes_out += len(payload)
-        link.send(_HDR(_MAGIC, P.BITMAP, proto.F_LAST, 0, 0, 0, 0, 0))
+        link.send(_HDR(P.BITMAP, proto.F_LAST, 0, 0, 0, 0, 0))
         await self.received.wait()  # the node cancels this task when the link goes
         if link.closed:
             return False

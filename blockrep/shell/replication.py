@@ -36,8 +36,7 @@ ASYNC_LOCAL = 256 * 1024  # writes this large are written locally in the I/O thr
 _P_DATA, _P_WRITE_ACK = int(P.DATA), int(P.WRITE_ACK)  # ints on the hot path
 _P_BARRIER, _P_TRIM, _P_ZERO = int(P.BARRIER), int(P.TRIM), int(P.ZERO)
 _F_FUA, _F_NO_HOLE, _F_FLUSH = proto.F_FUA, proto.F_NO_HOLE, proto.F_FLUSH
-_HDR = proto.HEADER.pack
-_MAGIC = proto.MAGIC
+_HDR = proto.frame
 _crc = proto.native.crc32c
 _EIO = errno.EIO
 
@@ -181,12 +180,12 @@ class Replicator:
         kind = req.kind
         if kind == WRITE:
             n = len(data)
-            link.send(_HDR(_MAGIC, _P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
+            link.send(_HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
             self.bytes_replicated += n
         else:
             if kind == ZERO and not may_trim:
                 pflags |= _F_NO_HOLE
-            link.send(_HDR(_MAGIC, _P_ZERO if kind == ZERO else _P_TRIM, pflags, pid,
+            link.send(_HDR(_P_ZERO if kind == ZERO else _P_TRIM, pflags, pid,
                            req.offset, req.length, 0, 0))
         self.writes_replicated += 1
 
@@ -216,7 +215,7 @@ class Replicator:
 
     def _send_barrier(self, link, flush: bool, req: Req | None = None) -> int:
         epoch = self.log.close_epoch(self.node.loop.time(), req)
-        link.send(_HDR(_MAGIC, _P_BARRIER, _F_FLUSH if flush else 0, epoch, 0, 0, 0, 0))
+        link.send(_HDR(_P_BARRIER, _F_FLUSH if flush else 0, epoch, 0, 0, 0, 0))
         return epoch
 
     def close_epoch(self, link, flush: bool) -> int:
@@ -290,7 +289,7 @@ class Applier:
             await fut
 
     def _ack(self, link, ptype, pid, offset=0, size=0):
-        link.send(_HDR(_MAGIC, ptype, 0, pid, offset, size, 0, 0))
+        link.send(_HDR(ptype, 0, pid, offset, size, 0, 0))
 
     def _check(self, offset, size):
         if self.node.is_primary:

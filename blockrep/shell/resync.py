@@ -40,8 +40,7 @@ log = logging.getLogger("blockrep.resync")
 CHUNK = 1 << 20  # bytes per resync request
 APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
-_HDR = proto.HEADER.pack
-_MAGIC = proto.MAGIC
+_HDR = proto.frame
 _ZEROES = memoryview(bytes(CHUNK))
 
 
@@ -170,10 +169,10 @@ class ResyncSource:
     def _send_data(self, pid, off, ln, data) -> None:
         if self.csum:
             sums = proto.native.crc32c_blocks(data, BLOCK)
-            self.link.send(_HDR(_MAGIC, P.RS_CSUM, 0, pid, off, ln, len(sums), 0), sums)
+            self.link.send(_HDR(P.RS_CSUM, 0, pid, off, ln, len(sums), 0), sums)
             self.progress.sent_bytes += len(sums)
         elif data == _ZEROES[:ln]:
-            self.link.send(_HDR(_MAGIC, P.RS_DATA, proto.F_ZERO, pid, off, ln, 0, 0))
+            self.link.send(_HDR(P.RS_DATA, proto.F_ZERO, pid, off, ln, 0, 0))
         else:
             self.link.send(proto.data_header(P.RS_DATA, pid, off, data), data)
             self.progress.sent_bytes += ln
@@ -336,7 +335,7 @@ class ResyncTarget:
         self.partial[pid] = want
         self.partial_range[pid] = (offset, size)
         for o, ln in runs:
-            link.send(_HDR(_MAGIC, P.RS_REQUEST, 0, pid, o, ln, 0, 0))
+            link.send(_HDR(P.RS_REQUEST, 0, pid, o, ln, 0, 0))
         self.node.resync_differing_bytes += want
 
     def _written(self, link, pid, offset, size, exc):
@@ -374,7 +373,7 @@ class ResyncTarget:
         bitmap = node.bitmap
         for pid, offset, size in batch:
             bitmap.clear_range(offset, size)
-            link.send(_HDR(_MAGIC, P.RS_ACK, 0, pid, offset, size, 0, 0))
+            link.send(_HDR(P.RS_ACK, 0, pid, offset, size, 0, 0))
             self.progress.add(size, now)
         node.bitmap_changed()
         self._start_flush()

@@ -11,6 +11,8 @@ import socket
 import time
 
 import pytest
+
+from blockrep.peer.proto import HEADER_SIZE
 from support.faulttools import route_through_proxy
 from support.helpers import require_tool
 from support.nbd_testlib import RawClient
@@ -85,16 +87,15 @@ def test_flipped_byte_is_caught_by_crc_link_drops_and_data_ends_identical(cluste
 
 
 
-# -- known defect: packet headers carry no checksum -----------------------------------------------
-# The CRC32C of P_DATA covers the payload only. A byte flipped in the header's offset field
-# makes the Secondary write the block elsewhere and acknowledge it (silent divergence, the
-# acknowledged data missing on the Secondary); flipped in the id field, the Secondary acks
-# an id the Primary does not know and the client's write is never answered while the link
-# stays Established. Strict xfail: these turn red once headers are checked, then drop the
-# marker. Header layout (docs/wire-protocol.md): magic 0-3, type 4-5, flags 6-7, id 8-15,
-# offset 16-23, size 24-27, paylen 28-31, crc 32-35, big-endian.
-
-HEADER_UNCHECKED = "peer packet headers carry no checksum (only P_DATA payloads do)"
+# -- damaged packet headers ------------------------------------------------------------------
+# The CRC32C of P_DATA covers the payload only. Before headers carried their own checksum
+# (hcrc), a byte flipped in the header's offset field made the Secondary write the block
+# elsewhere and acknowledge it (silent divergence, the acknowledged data missing on the
+# Secondary); flipped in the id field, the Secondary acked an id the Primary did not know
+# and the client's write was never answered while the link stayed Established. Now either
+# flip fails the header check: the link drops, reconnects and resyncs, and the write is
+# answered. Header layout (docs/wire-protocol.md): magic 0-3, type 4-5, flags 6-7, id 8-15,
+# offset 16-23, size 24-27, paylen 28-31, crc 32-35, hcrc 36-39, big-endian.
 
 
 def _pair_with_armed_header_flip(c, proxy, at: int) -> RawClient:
@@ -103,11 +104,10 @@ def _pair_with_armed_header_flip(c, proxy, at: int) -> RawClient:
     nbd.handshake()
     assert nbd.write(0, b"\x00" * 4096) == 0
     # the next chunk toward beta that is one whole 4 KiB P_DATA packet (QD1: one per read)
-    proxy.flip(direction="fwd", count=1, min_chunk=36 + 4096, at=at)
+    proxy.flip(direction="fwd", count=1, min_chunk=HEADER_SIZE + 4096, at=at)
     return nbd
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=HEADER_UNCHECKED)
 def test_flipped_byte_in_data_header_offset_is_detected(cluster, tmp_path):
     c = cluster(size="64M")
     with route_through_proxy(c, seed=8) as proxy:
@@ -126,7 +126,6 @@ def test_flipped_byte_in_data_header_offset_is_detected(cluster, tmp_path):
     cmp_data(c, a["size_bytes"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=HEADER_UNCHECKED)
 def test_flipped_byte_in_data_header_id_does_not_hang_the_write(cluster, tmp_path):
     c = cluster(size="64M")
     with route_through_proxy(c, seed=8) as proxy:

@@ -18,7 +18,7 @@ from support.helpers import PY, ROOT, require_tool, run
 from support.repltools import MiB, cmp_data, fio, fio_bytes_written, qemu_io, read_at
 
 BLOCK = 4096
-HEADER_BYTES = 36  # blockrep.peer.proto.HEADER_SIZE: one link packet header
+HEADER_BYTES = 40  # blockrep.peer.proto.HEADER_SIZE: one link packet header
 
 
 # -- helpers (local to this file) -----------------------------------------------------------

@@ -143,7 +143,7 @@ def test_transcript_order_dialer_first_acceptor_proves_last():
     hello_d = sent(d.start())
     assert [t for t, _ in packets(hello_d)] == [P.HELLO]
     body = packets(hello_d)[0][1]
-    assert body == {"version": 2, "features": 0, "resource": "r0", "node": "alpha",
+    assert body == {"version": 3, "features": 0, "resource": "r0", "node": "alpha",
                     "peer": "beta", "nonce": ND}
     hello_a = sent(a.receive_data(hello_d, 0.0))
     assert [t for t, _ in packets(hello_a)] == [P.HELLO]  # no proof yet
@@ -257,7 +257,7 @@ def test_version_mismatch_refused():
     hello = proto.encode_control(P.HELLO, {"version": 1, "resource": "r0", "node": "alpha",
                                             "challenge": ND})
     out = a.receive_data(hello, 0.0)
-    assert "link protocol version 1 is not supported (this node speaks 2)" in \
+    assert "link protocol version 1 is not supported (this node speaks 3)" in \
         refused(out).reason
 
 
@@ -354,7 +354,7 @@ def test_relay_of_the_dialers_proof_into_another_connection_fails():
     gets the real dialer to prove itself on another connection: the proof is bound to the
     other connection's nonces and fails here."""
     victim = acceptor(nonce=NA)
-    mallory_hello = proto.encode_control(P.HELLO, {"version": 2, "features": 0,
+    mallory_hello = proto.encode_control(P.HELLO, {"version": 3, "features": 0,
                                                     "resource": "r0", "node": "alpha",
                                                     "peer": "beta", "nonce": bytes(32)})
     victim.receive_data(mallory_hello, 0.0)
@@ -380,7 +380,7 @@ def test_reflection_of_the_dialers_own_hello_and_proof_fails():
 def test_reflection_of_the_dialers_proof_as_the_acceptors_fails():
     d = dialer()
     d.start()
-    hello_a = proto.encode_control(P.HELLO, {"version": 2, "features": 0, "resource": "r0",
+    hello_a = proto.encode_control(P.HELLO, {"version": 3, "features": 0, "resource": "r0",
                                               "node": "beta", "peer": "alpha", "nonce": NA})
     auth_d = sent(d.receive_data(hello_a, 0.0))
     out = d.receive_data(auth_d, 0.0)  # its own proof back: labelled dialer, not acceptor
@@ -466,11 +466,14 @@ def test_no_deadline_once_the_peer_is_authenticated():
     (proto.pack_header(P.DATA, paylen=4), "not valid in handshake phase hello"),
     (proto.pack_header(P.STATE, paylen=1) + b"\x80", "not valid in handshake phase hello"),
     (proto.pack_header(P.AUTH, paylen=1) + b"\x80", "not valid in handshake phase hello"),
-    (b"XXXX" + bytes(32), "bad packet magic"),
+    (b"XXXX" + bytes(36), "bad packet magic"),
+    (proto.pack_header(P.HELLO)[:-1] + b"\x00", "bad packet header checksum"),
+    (proto.pack_header(P.HELLO, paylen=3)[:12] + b"\x01" + proto.pack_header(P.HELLO)[13:],
+     "bad packet header checksum"),
     (proto.pack_header(P.HELLO, paylen=1) + b"\xc1", "undecodable"),
-    (proto.encode_control(P.HELLO, {"version": 2, "resource": "r0", "node": "alpha",
+    (proto.encode_control(P.HELLO, {"version": 3, "resource": "r0", "node": "alpha",
                                      "peer": "beta", "nonce": b"short"}), "nonce of 5"),
-    (proto.encode_control(P.HELLO, {"version": 2, "resource": "r0", "node": "alpha",
+    (proto.encode_control(P.HELLO, {"version": 3, "resource": "r0", "node": "alpha",
                                      "peer": "beta"}), "'nonce'"),
     (proto.pack_header(999), "not valid in handshake phase"),
 ])
