@@ -14,6 +14,9 @@ number and a version, and every acknowledgement is recorded. Every few seconds o
   stop             SIGSTOP of either node for 0.5-6 s (often longer than `timeout`), SIGCONT
   cut              both directions of the link reset, reconnects refused for 0.5-5 s
   blackhole        the link silently stops forwarding for 1-6 s
+  flip             one byte of the next link chunk of at least 40 bytes (header or payload,
+                   either direction) is inverted: the header checksum or the payload CRC
+                   catches it, the link drops, reconnects and resyncs
   disk-eio         (--disk-faults) a node's disk fails writes with EIO for 0.5-2 s, through
                    nbdkit's error filter behind nbdfuse; off by default: blockrep has no
                    on-io-error policy yet (issue 8), so this kind is known to lose data
@@ -22,7 +25,9 @@ With --fio, fio verify=crc32c jobs run back to back beside the writer on the reg
 its blocks. At the end: every fault undone, both nodes running, a Primary, the writer
 drained, the sync awaited; every block is read from the Primary and checked against the ledger (the latest
 acknowledged version or a later one that was in flight), both data areas are compared, and
-the summary printed. Exit status 1 on any lost or corrupt block, differing disks, or a node
+the summary printed. `--hold` scales every fault's duration (0.3: faults three times as
+dense); `--pairs N` runs N independent pairs (own images, proxy, writer, seed + i) at once in
+one process and adds their figures up. Exit status 1 on any lost or corrupt block, differing disks, or a node
 left stuck (not Connected/Established/UpToDate in sync, or not answering).
 """
 
@@ -47,9 +52,10 @@ from blockrep.faults.disk import FaultyDisk  # noqa: E402
 from blockrep.faults.node import NodeProcess  # noqa: E402
 from blockrep.faults.proxy import LinkProxy  # noqa: E402
 from blockrep.faults.writer import BLOCK, Ledger, NbdClient, make_block  # noqa: E402
+from blockrep.peer.proto import HEADER_SIZE  # noqa: E402
 
 PY = sys.executable
-KINDS = ("kill-secondary", "kill-primary", "stop", "cut", "blackhole")
+KINDS = ("kill-secondary", "kill-primary", "stop", "cut", "blackhole", "flip")
 TIMEOUT = 3.0
 
 
@@ -58,6 +64,7 @@ class Soak:
         self.args = args
         self.rng = random.Random(args.seed)
         self.dir = args.dir or tempfile.mkdtemp(prefix="blockrep-soak-")
+        self.scale = args.hold
         os.makedirs(os.path.join(self.dir, "run"), exist_ok=True)
         self.nodes = {n: NodeProcess(self.dir, n, PY, ROOT) for n in ("alpha", "beta")}
         self.kinds = list(KINDS) + (["disk-eio"] if args.disk_faults else [])
@@ -268,12 +275,16 @@ class Soak:
         self.notes.append(f"{candidate} could not be promoted within {timeout:.0f} s")
         return False
 
+    def hold(self, lo: float, hi: float) -> float:
+        """How long a fault lasts: uniform in [lo, hi] seconds, times --hold."""
+        return self.rng.uniform(lo, hi) * self.scale
+
     async def fault(self, kind: str) -> None:
         prim, sec = self.roles()
         r = self.rng
         if kind == "kill-secondary":
             sec.kill9()
-            await asyncio.sleep(r.uniform(0.5, 4))
+            await asyncio.sleep(self.hold(0.5, 4))
             await sec.start()
         elif kind == "kill-primary":
             # freeze the Primary first: nothing it acknowledges from here on, so a Secondary
@@ -287,35 +298,35 @@ class Soak:
             self.client_epoch += 1
             self.primary = None
             if can_fail_over:
-                await asyncio.sleep(r.uniform(0.0, 1.0))
+                await asyncio.sleep(self.hold(0.0, 1.0))
                 failed_over = await self.ensure_primary(sec.name, 20)
                 self.faults["failover"] += failed_over
-                await asyncio.sleep(r.uniform(0.5, 4))
+                await asyncio.sleep(self.hold(0.5, 4))
                 await prim.start()  # reattach the old Primary, now Secondary
                 if not failed_over:
                     await self.ensure_primary(prim.name)
             else:
-                await asyncio.sleep(r.uniform(0.5, 2))
+                await asyncio.sleep(self.hold(0.5, 2))
                 await prim.start()
                 await self.ensure_primary(prim.name)
         elif kind == "stop":
             victim = r.choice((prim, sec))
             victim.signal(signal.SIGSTOP)
             try:
-                await asyncio.sleep(r.uniform(0.5, 6))
+                await asyncio.sleep(self.hold(0.5, 6))
             finally:
                 victim.signal(signal.SIGCONT)
         elif kind == "cut":
             self.proxy.refuse(True)
             self.proxy.cut()
             try:
-                await asyncio.sleep(r.uniform(0.5, 5))
+                await asyncio.sleep(self.hold(0.5, 5))
             finally:
                 self.proxy.refuse(False)
         elif kind == "blackhole":
             self.proxy.blackhole(True)
             try:
-                await asyncio.sleep(r.uniform(1, 6))
+                await asyncio.sleep(self.hold(1, 6))
             finally:
                 self.proxy.blackhole(False)
         elif kind == "disk-eio":
@@ -323,14 +334,20 @@ class Soak:
             self.client_epoch += victim is prim
             victim.faulty.inject("pwrite")
             try:
-                await asyncio.sleep(r.uniform(0.5, 2))
+                await asyncio.sleep(self.hold(0.5, 2))
             finally:
                 victim.faulty.heal()
                 self.client_epoch += victim is prim
+        elif kind == "flip":
+            # header or payload, toward either node; the next chunk that is at least a header
+            self.proxy.flip(direction=r.choice(("fwd", "rev")), count=1,
+                            min_chunk=HEADER_SIZE, at=r.randrange(HEADER_SIZE + 64))
+            await asyncio.sleep(self.hold(0.5, 2))
+            self.proxy.flip(direction="both", count=0)  # disarm one that found no chunk
 
     async def faults_loop(self, deadline: float) -> None:
         while time.monotonic() < deadline:
-            await asyncio.sleep(self.rng.uniform(*self.args.interval))
+            await asyncio.sleep(self.rng.uniform(*self.args.interval) * self.scale)
             # let the pair reconnect first (not necessarily finish resync), up to a bound
             await self.wait(lambda st: all(s and s["connection"] == "Connected"
                                            for s in st.values()), 20, "reconnection")
@@ -419,7 +436,7 @@ class Soak:
             await self.proxy.close()
         return self.report(result, time.monotonic() - t0)
 
-    def report(self, r: dict, elapsed: float) -> int:
+    def report(self, r: dict, elapsed: float) -> tuple[int, dict]:
         L = self.ledger
         rounds = sum(self.faults[k] for k in self.kinds)
         identical = r["differing_blocks"] == 0
@@ -438,8 +455,9 @@ class Soak:
             "examples": r["examples"], "notes": self.notes, "dir": self.dir,
             "result": "FAIL" if bad else "PASS"}
         if self.args.json:
-            print(json.dumps(summary, indent=1))
-        else:
+            if not self.args.quiet:
+                print(json.dumps(summary, indent=1))
+        elif not self.args.quiet:
             print(f"soak: seed {summary['seed']}, {summary['minutes']} min, {rounds} rounds")
             print("faults: " + ", ".join(f"{k} {v}" for k, v in summary["faults"].items()))
             w = summary["writes"]
@@ -459,7 +477,64 @@ class Soak:
                 print(f"  {line}")
             print(f"logs: {self.dir}")
             print(f"result: {summary['result']}")
-        return 1 if bad else 0
+        return (1 if bad else 0), summary
+
+
+async def soak_pairs(args) -> int:
+    """--pairs N: N independent soaks at once; each prints its own summary, then the sum."""
+    if args.pairs == 1:
+        return (await Soak(args).run())[0]
+    base = args.dir or tempfile.mkdtemp(prefix="blockrep-soak-")
+    soaks = []
+    for i in range(args.pairs):
+        a = argparse.Namespace(**vars(args))
+        a.seed, a.dir, a.quiet = args.seed + i, os.path.join(base, f"pair{i}"), True
+        os.makedirs(a.dir, exist_ok=True)
+        soaks.append(Soak(a))
+    results = await asyncio.gather(*(s.run() for s in soaks), return_exceptions=True)
+    total = collections.Counter()
+    faults = collections.Counter()
+    bad = 0
+    out = []
+    for i, res in enumerate(results):
+        if isinstance(res, BaseException):
+            bad = 1
+            out.append({"pair": i, "result": "FAIL", "error": repr(res)})
+            continue
+        code, sm = res
+        bad |= code
+        faults.update(sm["faults"])
+        total.update(rounds=sm["rounds"], acknowledged=sm["writes"]["acknowledged"],
+                     checked=sm["acknowledged_blocks_checked"], lost=max(0, sm["lost"]),
+                     corrupt=max(0, sm["corrupt"]), differing=sm["differing_blocks"],
+                     stuck=len(sm["stuck"]), errors=sm["writes"]["errors"])
+        out.append(dict(sm, pair=i))
+    if args.json:
+        print(json.dumps({"pairs": out, "total": dict(total), "faults": dict(faults),
+                          "result": "FAIL" if bad else "PASS"}, indent=1))
+        return bad
+    for sm in out:
+        if "error" in sm:
+            print(f"pair {sm['pair']}: FAIL: {sm['error']}")
+            continue
+        w = sm["writes"]
+        print(f"pair {sm['pair']}: seed {sm['seed']}, {sm['minutes']} min, {sm['rounds']} "
+              f"rounds ({', '.join(f'{k} {v}' for k, v in sm['faults'].items())}); "
+              f"{w['acknowledged']} writes acknowledged, {w['errors']} errors; "
+              f"{sm['acknowledged_blocks_checked']} blocks checked, lost {sm['lost']}, "
+              f"corrupt {sm['corrupt']}; disks identical: "
+              f"{'yes' if sm['disks_identical'] else 'no'}; stuck: "
+              f"{', '.join(sm['stuck']) or 'none'}; {sm['result']}")
+        for line in sm["examples"] + sm["notes"]:
+            print(f"  {line}")
+    print(f"total: {args.pairs} pairs, {total['rounds']} faults ("
+          + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())) + f"), "
+          f"{total['acknowledged']} writes acknowledged, {total['checked']} acknowledged "
+          f"blocks checked, lost {total['lost']}, corrupt {total['corrupt']}, "
+          f"{total['differing']} differing blocks, {total['stuck']} stuck nodes")
+    print(f"logs: {base}")
+    print(f"result: {'FAIL' if bad else 'PASS'}")
+    return bad
 
 
 def _brief(s: dict | None) -> str:
@@ -485,14 +560,19 @@ def main(argv=None) -> int:
                     "(nbdkit error filter + nbdfuse; needs root and FUSE)")
     ap.add_argument("--fio", action="store_true", help="also run fio verify=crc32c jobs "
                     "back to back on a region after the writer's blocks")
+    ap.add_argument("--hold", type=float, default=1.0, help="scale of every fault's "
+                    "duration and of the pause between faults (0.3: denser faults)")
+    ap.add_argument("--pairs", type=int, default=1, help="independent node pairs soaked "
+                    "at once (figures added up)")
     ap.add_argument("--dir", help="work directory (default: a new temporary one)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every fault")
     args = ap.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 32)
+    args.quiet = False
     import uvloop
-    return uvloop.run(Soak(args).run())
+    return uvloop.run(soak_pairs(args))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from .proto import (
     LinkProtocolError,
     P,
     check_header,
+    check_payload,
     decode_control,
     encode_control,
     need,
@@ -268,6 +269,10 @@ class LinkHandshake:
             return False
         payload = bytes(buf[HEADER_SIZE:HEADER_SIZE + paylen])
         del buf[:HEADER_SIZE + paylen]
+        try:
+            check_payload(ptype, _crc, payload)
+        except LinkProtocolError as exc:
+            self._fail(str(exc))
         if ptype == P.REFUSE:
             self._on_refuse(decode_control(payload))
             return True

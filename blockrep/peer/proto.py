@@ -114,7 +114,20 @@ def unpack_header(buf, pos: int = 0) -> tuple[int, int, int, int, int, int, int]
 
 def encode_control(ptype: int, body: dict) -> bytes:
     payload = msgpack.packb(body, use_bin_type=True)
-    return pack_header(ptype, paylen=len(payload)) + payload
+    return pack_header(ptype, paylen=len(payload), crc=native.crc32c(payload)) + payload
+
+
+# packets whose handler checks `crc` against the payload itself (data may be checked in a
+# thread, a bitmap chunk after reassembly); every other payload is checked by check_payload
+SELF_CHECKED = frozenset({P.DATA, P.RS_DATA, P.BITMAP})
+
+
+def check_payload(ptype: int, crc: int, payload) -> None:
+    """Every payload carries its CRC32C in the header's `crc`: a control map, a checksum
+    list or a verify reply damaged on the way ends the connection like a damaged header."""
+    if payload and ptype not in SELF_CHECKED and native.crc32c(payload) != crc:
+        name = P(ptype).name if ptype in P._value2member_map_ else str(ptype)
+        raise LinkProtocolError(f"CRC32C mismatch in a {name} payload (damaged on the link)")
 
 
 def decode_control(payload) -> dict:

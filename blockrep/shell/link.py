@@ -30,6 +30,7 @@ RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024
 BIG = 256 * 1024
 HS_READ = 4096  # read buffer until the peer proved itself (a HELLO is ~150 bytes)
+_SELF_CHECKED = proto.SELF_CHECKED  # their handlers check the payload CRC themselves
 
 
 class Rejections:
@@ -275,6 +276,8 @@ class PeerLink(asyncio.BufferedProtocol):
         handler = self.node.handlers.get(ptype)
         if handler is None:
             raise LinkProtocolError(f"unexpected packet type {ptype}")
+        if ptype not in _SELF_CHECKED and payload:
+            proto.check_payload(ptype, crc, payload)
         handler(self, flags, pid, offset, size, crc, payload)
 
     # -- handshake ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ CHUNK = 1 << 20  # bytes per resync request
 APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
 _HDR = proto.frame
+_crc = proto.native.crc32c
 _ZEROES = memoryview(bytes(CHUNK))
 
 
@@ -169,7 +170,7 @@ class ResyncSource:
     def _send_data(self, pid, off, ln, data) -> None:
         if self.csum:
             sums = proto.native.crc32c_blocks(data, BLOCK)
-            self.link.send(_HDR(P.RS_CSUM, 0, pid, off, ln, len(sums), 0), sums)
+            self.link.send(_HDR(P.RS_CSUM, 0, pid, off, ln, len(sums), _crc(sums)), sums)
             self.progress.sent_bytes += len(sums)
         elif data == _ZEROES[:ln]:
             self.link.send(_HDR(P.RS_DATA, proto.F_ZERO, pid, off, ln, 0, 0))

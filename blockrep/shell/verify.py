@@ -33,6 +33,7 @@ from .resync import Progress
 CHUNK = 1 << 20
 WINDOW = 8
 _HDR = proto.frame
+_crc = proto.native.crc32c
 
 log = logging.getLogger("blockrep.verify")
 
@@ -84,7 +85,7 @@ class Verify:
             self.next_id += 1
             self.inflight[pid] = (off, ln)
             sums = proto.native.crc32c_blocks(node.disk.read(off, ln), BLOCK)
-            link.send(_HDR(P.OV_REQUEST, 0, pid, off, ln, len(sums), 0), sums)
+            link.send(_HDR(P.OV_REQUEST, 0, pid, off, ln, len(sums), _crc(sums)), sums)
             off += ln
         while self.inflight and self.state == "running" and not link.closed:
             self.wake.clear()
@@ -144,7 +145,7 @@ class VerifyTarget:
         self.found_blocks += len(diff)
         self.progress.add(size, node.loop.time())
         body = struct.pack(f"<{len(diff)}I", *diff)
-        link.send(_HDR(P.OV_REPLY, 0, pid, offset, size, len(body), 0), body)
+        link.send(_HDR(P.OV_REPLY, 0, pid, offset, size, len(body), _crc(body)), body)
 
 
 class Verifier:

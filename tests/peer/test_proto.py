@@ -160,7 +160,8 @@ BODIES = [
 def test_encode_control_known_bytes(body):
     buf = encode_control(P.HELLO, body)
     payload = msgpack.packb(body, use_bin_type=True)
-    assert buf == hand_header(P.HELLO, paylen=len(payload)) + payload
+    assert buf == hand_header(P.HELLO, paylen=len(payload),
+                              crc=native.py_crc32c(payload)) + payload
     hdr = unpack_header(buf)
     assert hdr[0] == P.HELLO and hdr[5] == len(buf) - HEADER_SIZE
     assert decode_control(buf[HEADER_SIZE:]) == body
@@ -288,3 +289,21 @@ def test_need_returns_value():
 def test_need_missing_or_wrong_type(body):
     with pytest.raises(LinkProtocolError, match="'challenge'"):
         need(body, "challenge", bytes)
+
+
+def test_every_payload_but_the_self_checked_carries_its_crc():
+    # a control map damaged on the way (a flipped generation, role or size in P_STATE)
+    # must end the connection like a damaged header, not be believed
+    pkt = bytearray(encode_control(P.STATE, {"role": "Primary", "gen": [7, 0, []]}))
+    ptype, _f, _i, _o, _s, paylen, crc = unpack_header(pkt)
+    proto.check_payload(ptype, crc, pkt[HEADER_SIZE:])
+    pkt[HEADER_SIZE + 3] ^= 0x01
+    with pytest.raises(LinkProtocolError, match="CRC32C mismatch in a STATE payload"):
+        proto.check_payload(ptype, crc, pkt[HEADER_SIZE:])
+    for ptype in (P.RS_CSUM, P.OV_REQUEST, P.OV_REPLY, P.CONTROL, 999):
+        with pytest.raises(LinkProtocolError, match="CRC32C mismatch"):
+            proto.check_payload(ptype, 0, b"\x01\x02")
+        proto.check_payload(ptype, native.crc32c(b"\x01\x02"), b"\x01\x02")
+    for ptype in proto.SELF_CHECKED:  # checked by their handlers (threads, reassembly)
+        proto.check_payload(ptype, 0, b"\x01\x02")
+    proto.check_payload(P.PING, 0, b"")
