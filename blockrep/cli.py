@@ -61,7 +61,7 @@ async def _serve(args) -> int:
     disk = Disk(args.disk, size=size, create=args.create, read_only=args.read_only,
                 direct=args.direct)
     limits = NbdLimits(handshake_timeout=args.handshake_timeout,
-                       max_handshakes=args.max_handshakes)
+                       max_handshakes=args.max_handshakes, busy_poll_us=args.busy_poll)
     server = NbdServer(disk, make_export(args.export, disk.size, read_only=args.read_only,
                                          direct=args.direct), limits=limits, tls=tls)
     if args.unix:
@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-handshakes", type=int, default=64,
                    help="connections in the handshake at once; the oldest is dropped "
                         "(default 64)")
+    s.add_argument("--busy-poll", type=float, default=0.0, metavar="USEC",
+                   help="keep polling the sockets this many microseconds after each "
+                        "request instead of sleeping: lower latency at queue depth 1 for "
+                        "CPU time (default 0: off)")
     s.set_defaults(func=cmd_serve)
 
     def res_cmd(name, helptext, func):

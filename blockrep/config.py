@@ -25,6 +25,7 @@ RESOURCE_KEYS = {
     "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str, "fencing": str,
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
+    "busy-poll": (int, float),
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str,
@@ -75,6 +76,7 @@ class ResourceConfig:
     after_sb_1pri: str = "disconnect"
     nbd_tls: str = "off"  # off | on | require (docs/nbd.md)
     nbd_handshake_timeout: float = 10.0
+    busy_poll: float = 0.0  # microseconds the loop keeps polling after I/O (shell/busypoll)
     handshake_timeout: float = 5.0  # the whole link handshake, up to the peer's proof
     max_handshakes: int = 8  # inbound link connections not yet authenticated, at once
     tls: bool = False
@@ -281,6 +283,11 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
                 raise ConfigError(f"{path}: resource.{key} must be positive and finite "
                                   f"(got {res[key]!r})")
             setattr(cfg, attr, float(res[key]))
+    if "busy-poll" in res:
+        if not 0 <= res["busy-poll"] <= 10_000:
+            raise ConfigError(f"{path}: resource.busy-poll must be 0-10000 microseconds "
+                              f"(got {res['busy-poll']!r})")
+        cfg.busy_poll = float(res["busy-poll"])
     if cfg.timeout <= cfg.ping_interval:
         raise ConfigError(f"{path}: resource.timeout must exceed resource.ping-interval")
     if "run-dir" in res:

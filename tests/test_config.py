@@ -548,3 +548,12 @@ def test_fencing_errors():
         "handlers: unknown key 'split-brainz'")
     bad(with_(lambda r: r.__setitem__("handlers", {"fence-peer-timeout": 0})),
         "fence-peer-timeout must be positive")
+
+
+def test_busy_poll():
+    assert parse(base(), "<c>").busy_poll == 0.0
+    assert parse(with_(lambda r: r["resource"].update({"busy-poll": 100})), "<c>").busy_poll == 100
+    bad(with_(lambda r: r["resource"].update({"busy-poll": -1})), "resource.busy-poll",
+        "0-10000 microseconds")
+    bad(with_(lambda r: r["resource"].update({"busy-poll": 1e6})), "resource.busy-poll")
+    bad(with_(lambda r: r["resource"].update({"busy-poll": "fast"})), "busy-poll")

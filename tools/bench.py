@@ -23,6 +23,7 @@ from blockrep.loopback import LoopbackPair, PairError, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+BUSY_POLL_US = 100  # the -poll targets' busy-poll window (microseconds)
 
 WORKLOADS = {
     "4k-randwrite-qd1": dict(rw="randwrite", bs="4k", iodepth=1),
@@ -98,7 +99,8 @@ class ReplicatedTarget(Target):
     demo and the tests use), run by `py` (this checkout's Python, or a baseline's); with
     tls=True the link runs over mutual TLS (certificates made here with trustme)."""
 
-    def __init__(self, name: str, disk: str, tmp: str, py: str = PY, tls: bool = False):
+    def __init__(self, name: str, disk: str, tmp: str, py: str = PY, tls: bool = False,
+                 busy_poll: float = 0):
         self.tmp = tmp
         self.disk = disk
         tag = name.replace("@", "-")
@@ -111,6 +113,16 @@ class ReplicatedTarget(Target):
         self.nodes = self.pair.procs
         if tls:
             self._add_tls(tag)
+        if busy_poll:
+            self._edit_configs(lambda text: text.replace(
+                "[resource]\n", f"[resource]\nbusy-poll = {busy_poll}\n"))
+
+    def _edit_configs(self, edit) -> None:
+        for path in set(self.pair.configs.values()):
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(edit(text))
 
     def _add_tls(self, tag: str) -> None:
         import trustme  # a test dependency (pyproject.toml [test])
@@ -124,16 +136,15 @@ class ReplicatedTarget(Target):
             files[n] = tuple(os.path.join(self.tmp, f"{tag}-{n}.{x}") for x in ("crt", "key"))
             leaf.cert_chain_pems[0].write_to_path(files[n][0])
             leaf.private_key_pem.write_to_path(files[n][1])
-        for path in set(self.pair.configs.values()):
-            with open(path) as f:
-                text = f.read()
+
+        def edit(text: str) -> str:
             text = text.replace("[resource]\n",
                                 f'[resource]\ntls = true\ntls-ca = "{ca_path}"\n')
             for n, (cert, key) in files.items():
                 text = text.replace(f"[node.{n}]\n",
                                     f'[node.{n}]\ntls-cert = "{cert}"\ntls-key = "{key}"\n')
-            with open(path, "w") as f:
-                f.write(text)
+            return text
+        self._edit_configs(edit)
 
     def cpu_pids(self) -> dict[str, int]:
         return {"primary": self.nodes["alpha"].pid, "secondary": self.nodes["beta"].pid} \
@@ -273,11 +284,14 @@ class QsdMirrorTarget(Target):
 
 def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
                  baseline: str | None = None) -> list[Target]:
-    """`NAME@base` runs blockrep target NAME from the checkout `baseline` (its .venv)."""
+    """`NAME@base` runs blockrep target NAME from the checkout `baseline` (its .venv);
+    `NAME-poll` is blockrep target NAME with busy polling (BUSY_POLL_US, shell/busypoll.py)."""
     out = []
     for name in names:
         port = free_port()
         kind, _, at = name.partition("@")
+        poll = kind.startswith("blockrep") and kind.endswith("-poll")
+        kind = kind.removesuffix("-poll") if poll else kind
         py = PY
         if at:
             if at != "base" or not baseline or not kind.startswith("blockrep"):
@@ -285,11 +299,13 @@ def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
             py = os.path.join(os.path.abspath(baseline), ".venv", "bin", "python")
         if kind == "blockrep":
             argv = [py, "-m", "blockrep", "serve", "--disk", disk,
-                    "--listen", f"127.0.0.1:{port}"]
+                    "--listen", f"127.0.0.1:{port}"] + (
+                        ["--busy-poll", str(BUSY_POLL_US)] if poll else [])
         elif name == "nbdkit":
             argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", disk]
         elif kind in ("blockrep-repl", "blockrep-repl-tls"):
-            out.append(ReplicatedTarget(name, disk, tmp, py=py, tls=kind.endswith("-tls")))
+            out.append(ReplicatedTarget(name, disk, tmp, py=py, tls=kind.endswith("-tls"),
+                                        busy_poll=BUSY_POLL_US if poll else 0))
             continue
         elif name in ("qsd-mirror-unix", "qsd-mirror-tcp"):
             out.append(QsdMirrorTarget(name, disk, tmp, name.rsplit("-", 1)[1]))
@@ -664,7 +680,8 @@ def main(argv=None) -> int:
                          "the qemu-storage-daemon mirror; resync: resync throughput")
     ap.add_argument("--targets", help="comma list: blockrep, nbdkit, qemu-nbd, "
                                       "blockrep-repl, blockrep-repl-tls (the link over "
-                                      "TLS), qsd-mirror-unix, qsd-mirror-tcp")
+                                      "TLS), qsd-mirror-unix, qsd-mirror-tcp; a "
+                                      "blockrep target + '-poll' runs it with busy polling")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per workload (median)")

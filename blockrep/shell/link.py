@@ -66,6 +66,8 @@ class Rejections:
 class PeerLink(asyncio.BufferedProtocol):
     def __init__(self, node, outbound: bool):
         self.node = node
+        nbd = getattr(node, "nbd", None)  # shell/busypoll: the node's busy polling, if on
+        self._busy = nbd.busy if nbd is not None else None
         self.outbound = outbound
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
@@ -209,6 +211,8 @@ class PeerLink(asyncio.BufferedProtocol):
         if self.hs is not None:
             self._handshake_data(nbytes)
             return
+        if self._busy is not None:
+            self._busy.kick()  # an ack or a write arrived: stay awake for the next one
         try:
             if self._big is not None:
                 self._got += nbytes

@@ -24,6 +24,7 @@ class NbdLimits:
     conn_requests: int = 256  # requests in flight on one connection
     node_bytes: int = 256 * MiB  # write payload bytes in flight on all connections together
     read_batch: int = 8 * MiB  # read reply bytes built per pass before the socket is checked
+    busy_poll_us: float = 0.0  # keep the loop polling this long after a request (shell/busypoll)
 
     def __post_init__(self):
         if not self.handshake_timeout > 0:
@@ -32,6 +33,8 @@ class NbdLimits:
                      "read_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NBD limit {name} must be >= 1")
+        if not 0 <= self.busy_poll_us <= 10_000:
+            raise ValueError("busy-poll must be between 0 and 10000 microseconds")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..nbd import proto
 from .buffers import BufferPool
+from .busypoll import BusyPoll
 from .nbd_limits import NbdLimits, NbdTls
 from .nbd_session import HS_BUF, RECV_BUF, NbdSession, iolog, log
 from ..nbd.constants import (
@@ -95,6 +96,9 @@ class NbdServer:
         self.executor = executor or ThreadPoolExecutor(max_workers=4,
                                                        thread_name_prefix="blockrep-io")
         self.target = target or LocalTarget(backend, self.executor)
+        # the loop's busy polling, kicked by the clients and by a node's peer link
+        self.busy = BusyPoll(asyncio.get_event_loop(), self.limits.busy_poll_us) \
+            if self.limits.busy_poll_us else None
 
     def resume_throttled(self) -> None:
         """Connections held by the per-server bound read again (each checks its own)."""
@@ -150,6 +154,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._lost = False
         self._tls_pending = False  # STARTTLS acknowledged, TLS handshake running
         self._submit = server.target.submit
+        self._kick = None  # BusyPoll.kick once past the handshake, when busy polling is on
         self._copy = server.target.holds_data  # it keeps the payload: not a view of the ring
         self._complete_scheduled = False
         self.rules: RequestRules | None = None
@@ -214,6 +219,8 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         if self.hs is not None:
             self._handshake()
         else:
+            if self._kick is not None:
+                self._kick()
             self._process()
 
     # -- transmission ------------------------------------------------------------------------

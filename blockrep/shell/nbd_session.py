@@ -200,6 +200,8 @@ class NbdSession:
             self.abort()
             return
         server.connections.add(self)
+        if server.busy is not None:
+            self._kick = server.busy.kick
         sock = self.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)

@@ -144,7 +144,8 @@ class Node:
                              description=f"blockrep resource {self.cfg.name} on {self.name}")
         target = self.fencer.target(self.replicator)  # holds answers while fencing
         self.nbd = NbdServer(self.disk, export, target=target, executor=self.executor,
-                             limits=NbdLimits(handshake_timeout=self.cfg.nbd_handshake_timeout),
+                             limits=NbdLimits(handshake_timeout=self.cfg.nbd_handshake_timeout,
+                                              busy_poll_us=self.cfg.busy_poll),
                              tls=server_tls(self.cfg.nbd_tls, self.me.nbd_tls_cert,
                                             self.me.nbd_tls_key, self.me.nbd_tls_ca or None,
                                             verify_client=bool(self.me.nbd_tls_ca)))

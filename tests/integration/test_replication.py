@@ -57,6 +57,21 @@ def test_fio_overlapping_writes_then_verify_disks_identical(cluster, tmp_path):
     cmp_data(c, a["size_bytes"])
 
 
+def test_busy_polling_pair_replicates_and_verifies(cluster, tmp_path):
+    """busy-poll (shell/busypoll.py) only changes when the loop sleeps: QD1 writes with
+    fio's crc32c verify through a busy-polling pair, then identical disks."""
+    require_tool("fio", "cmp")
+    c = cluster(size="64M", resource={"busy-poll": 100})
+    c.up_pair()
+    rep = fio(tmp_path, c.uri("alpha"), "qd1", "--rw=randwrite", "--bs=4k", "--iodepth=1",
+              "--size=8M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+    assert fio_bytes_written(rep) == 8 * MiB
+    wait_quiet(c)
+    a = c.status("alpha")
+    assert a["replication"] == "Established" and a["out_of_sync_bytes"] == 0, a
+    cmp_data(c, a["size_bytes"])
+
+
 # -- 2. the Secondary dies in the middle of a run -----------------------------------------------
 
 def test_secondary_killed_during_fio_then_resyncs(cluster, tmp_path):
