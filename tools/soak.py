@@ -521,6 +521,9 @@ async def soak_pairs(args) -> int:
         print(f"pair {sm['pair']}: seed {sm['seed']}, {sm['minutes']} min, {sm['rounds']} "
               f"rounds ({', '.join(f'{k} {v}' for k, v in sm['faults'].items())}); "
               f"{w['acknowledged']} writes acknowledged, {w['errors']} errors; "
+              + (f"fio verify jobs {sm['fio']['verified']} verified, "
+                 f"{sm['fio']['interrupted']} interrupted, {sm['fio']['failed']} failed; "
+                 if args.fio else "") +
               f"{sm['acknowledged_blocks_checked']} blocks checked, lost {sm['lost']}, "
               f"corrupt {sm['corrupt']}; disks identical: "
               f"{'yes' if sm['disks_identical'] else 'no'}; stuck: "
