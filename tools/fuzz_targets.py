@@ -257,27 +257,18 @@ def link_frame():
 @target("link-handshake", "the link handshake machine fed arbitrary bytes in arbitrary "
         "pieces, as dialer or acceptor, with or without TLS (peer/handshake.py)", _link_errors)
 def link_handshake():
+    from blockrep.peer import handshake as hs_mod
     from blockrep.peer import proto
-    from blockrep.peer.handshake import (
-        PRE_AUTH_MAX_CONTROL,
-        Established,
-        HandshakeParams,
-        HsPhase,
-        LinkHandshake,
-        Refused,
-        Send,
-        StartTls,
-    )
 
     state = {"role": "Secondary", "disk": "UpToDate", "gen": [1, 0, []], "bitmap": []}
-    kinds = (Send, StartTls, Established, Refused)
+    kinds = (hs_mod.Send, hs_mod.StartTls, hs_mod.Established, hs_mod.Refused)
 
-    def machine(dialer: bool, tls: bool) -> LinkHandshake:
+    def machine(dialer: bool, tls: bool) -> hs_mod.LinkHandshake:
         me, peer = ("alpha", "beta") if dialer else ("beta", "alpha")
-        p = HandshakeParams(resource="r0", me=me, peer=peer, secret=b"s3cret", size=1 << 20,
-                            tls=tls, timeout=5.0)
-        return LinkHandshake(p, dialer=dialer, nonce=bytes(range(dialer, 32 + dialer)),
-                             now=0.0, local_state=lambda: dict(state))
+        p = hs_mod.HandshakeParams(resource="r0", me=me, peer=peer, secret=b"s3cret",
+                                   size=1 << 20, tls=tls, timeout=5.0)
+        return hs_mod.LinkHandshake(p, dialer=dialer, nonce=bytes(range(dialer, 32 + dialer)),
+                                    now=0.0, local_state=lambda: dict(state))
 
     def one(data: bytes) -> None:
         if len(data) < 2:
@@ -287,26 +278,26 @@ def link_handshake():
         events = hs.start()
         now = 0.0
         for pos in range(2, len(data), step):
-            if hs.phase is HsPhase.CLOSED:
+            if hs.phase is hs_mod.HsPhase.CLOSED:
                 break
-            if hs.phase is HsPhase.TLS:  # the shell would run TLS here; say how it went
+            if hs.phase is hs_mod.HsPhase.TLS:  # the shell would run TLS here; say how it went
                 events += hs.tls_done(None if mode & 4 else "handshake failed", now)
                 continue
             events += hs.receive_data(data[pos:pos + step], now)
             # bounded before the peer proved itself: one header and a small control map
             assert hs.peer_authenticated or len(hs._in) <= (
-                proto.HEADER_SIZE + PRE_AUTH_MAX_CONTROL + step), len(hs._in)
+                proto.HEADER_SIZE + hs_mod.PRE_AUTH_MAX_CONTROL + step), len(hs._in)
             now += 0.25
             events += hs.check_time(now)
         for ev in events:
             assert isinstance(ev, kinds), ev
-            if isinstance(ev, Established):
+            if isinstance(ev, hs_mod.Established):
                 assert hs.peer_authenticated  # never without the proof
 
     # seeds: what a real peer says first, so the fuzzer starts from well-formed packets
     d, a = machine(True, False), machine(False, False)
-    hello_d = b"".join(e.data for e in d.start() if isinstance(e, Send))
-    reply_a = b"".join(e.data for e in a.receive_data(hello_d, 0.0) if isinstance(e, Send))
+    hello_d = b"".join(e.data for e in d.start() if isinstance(e, hs_mod.Send))
+    reply_a = b"".join(e.data for e in a.receive_data(hello_d, 0.0) if isinstance(e, hs_mod.Send))
     seeds = [b"\x00\x07" + hello_d, b"\x01\x40" + reply_a,
              b"\x02\x28" + proto.pack_header(proto.P.STARTTLS) + hello_d,
              b"\x07\x01" + proto.pack_header(proto.P.STARTTLS) + reply_a]
