@@ -77,7 +77,7 @@ class FakeLink:
         self.controls: list[dict] = []
 
     def send(self, *parts):
-        magic, ptype, flags, pid, offset, size, paylen, crc = proto.HEADER.unpack(parts[0])
+        magic, ptype, flags, pid, offset, size, paylen, crc, _hcrc = proto.HEADER.unpack(parts[0])
         self.sent.append((ptype, pid, offset, size))
 
     def send_control(self, ptype, body):
