@@ -13,6 +13,8 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 
+from . import digest
+
 
 class ConfigError(ValueError):
     """A configuration the operator must fix; str() is one clear line."""
@@ -25,7 +27,7 @@ RESOURCE_KEYS = {
     "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str, "fencing": str,
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
-    "busy-poll": (int, float),
+    "busy-poll": (int, float), "csums-alg": str, "verify-alg": str,
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str,
@@ -80,6 +82,8 @@ class ResourceConfig:
     handshake_timeout: float = 5.0  # the whole link handshake, up to the peer's proof
     max_handshakes: int = 8  # inbound link connections not yet authenticated, at once
     tls: bool = False
+    csums_alg: str = digest.DEFAULT  # block digest of checksum-mode resync (blockrep.digest)
+    verify_alg: str = digest.DEFAULT  # block digest of online verify
     fencing: str = "dont-care"
     handlers: dict = field(default_factory=dict)  # [handlers]: name -> shell command
     fence_peer_timeout: float = 60.0
@@ -332,6 +336,12 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
                 if not getattr(n, key.replace("-", "_")):
                     raise ConfigError(f"{path}: tls = true needs {key} in [node.{n.name}] "
                                       f"or [resource]")
+    for key in ("csums-alg", "verify-alg"):
+        if key in res:
+            try:
+                setattr(cfg, key.replace("-", "_"), digest.check(res[key]))
+            except ValueError as exc:
+                raise ConfigError(f"{path}: resource.{key}: {exc}") from None
     if "fencing" in res:
         if res["fencing"] not in FENCING:
             raise ConfigError(f"{path}: resource.fencing {res['fencing']!r}: one of "

@@ -557,3 +557,33 @@ def test_busy_poll():
         "0-10000 microseconds")
     bad(with_(lambda r: r["resource"].update({"busy-poll": 1e6})), "resource.busy-poll")
     bad(with_(lambda r: r["resource"].update({"busy-poll": "fast"})), "busy-poll")
+
+
+# -- csums-alg / verify-alg ----------------------------------------------------------------------
+
+def test_digest_algorithms_default():
+    cfg = parse(base())
+    assert cfg.csums_alg == cfg.verify_alg == "xxh3-128"  # docs/operations.md
+
+
+@pytest.mark.parametrize("alg", ["xxh3-128", "sha256", "blake2b-128", "blake2b-256"])
+def test_digest_algorithms_accepted(alg):
+    cfg = parse(with_(lambda raw: raw["resource"].update({"csums-alg": alg,
+                                                           "verify-alg": alg})))
+    assert cfg.csums_alg == cfg.verify_alg == alg
+
+
+@pytest.mark.parametrize("key", ["csums-alg", "verify-alg"])
+@pytest.mark.parametrize("alg, fragment", [
+    ("crc32c", "'crc32c' is too weak to decide that a block is in sync"),
+    ("md5", "'md5' is too weak"), ("sha1", "'sha1' is too weak"),
+    ("xxh64", "unknown digest 'xxh64'"), ("", "unknown digest ''")])
+def test_bad_digest_algorithm(key, alg, fragment):
+    msg = bad(with_(lambda raw: raw["resource"].update({key: alg})), f"resource.{key}:",
+              fragment)
+    assert msg.endswith("one of xxh3-128, sha256, blake2b-128, blake2b-256")
+
+
+def test_digest_algorithm_wrong_type():
+    bad(with_(lambda raw: raw["resource"].update({"csums-alg": 128})),
+        "resource.csums-alg: wrong type int")

@@ -24,6 +24,9 @@ gives no proof to a party that has not given one:
                      <-  AUTH proof_a, STATE
     verifies with label "acceptor"
     STATE            ->
+
+Each STATE names the disk size, csums-alg and verify-alg; any that differs from this node's
+is refused (both sides say which).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from ..digest import DEFAULT as DEFAULT_DIGEST
 from .proto import (
     FEATURES,
     HEADER_SIZE,
@@ -97,6 +101,8 @@ class HandshakeParams:
     size: int
     tls: bool = False
     timeout: float = 5.0  # the whole exchange up to the peer's proof (a trickle cannot extend)
+    csums_alg: str = DEFAULT_DIGEST  # block digests: both nodes must use the same (STATE)
+    verify_alg: str = DEFAULT_DIGEST
 
 
 def _field(b: bytes) -> bytes:
@@ -382,7 +388,9 @@ class LinkHandshake:
         self.phase = HsPhase.STATE
         if not self.dialer:
             self._send(P.AUTH, {"proof": self._proof(ACCEPTOR)})
-        self._send(P.STATE, {**self.local_state(), "size": self.params.size})
+        p = self.params
+        self._send(P.STATE, {**self.local_state(), "size": p.size, "csums_alg": p.csums_alg,
+                             "verify_alg": p.verify_alg})
 
     def _on_state(self, body: dict) -> None:
         p = self.params
@@ -391,6 +399,16 @@ class LinkHandshake:
             self._refuse(f"disk sizes differ: this node ({p.me}) has {p.size} bytes, the "
                          f"peer ({p.peer}) has {size} bytes", tell_peer=True)
             return
+        for key, mine in (("csums_alg", p.csums_alg), ("verify_alg", p.verify_alg)):
+            theirs = body.get(key)
+            if theirs != mine:
+                name = key.replace("_", "-")
+                said = f"uses {str(theirs)[:40]!r}" if isinstance(theirs, str) else \
+                    f"does not say its {name} (older than this node?)"
+                self._refuse(f"{name} differs: this node ({p.me}) uses {mine!r}, the peer "
+                             f"({p.peer}) {said}; configure the same {name} on both nodes",
+                             tell_peer=True)
+                return
         self.phase = HsPhase.ESTABLISHED
         leftover = bytes(self._in)
         self._in.clear()

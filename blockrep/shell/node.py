@@ -80,7 +80,7 @@ class Node:
         self.link_params = HandshakeParams(
             resource=cfg.name, me=self.name, peer=self.peer_cfg.name,
             secret=cfg.shared_secret.encode(), size=self.size, tls=cfg.tls,
-            timeout=cfg.handshake_timeout)
+            timeout=cfg.handshake_timeout, csums_alg=cfg.csums_alg, verify_alg=cfg.verify_alg)
         self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
         self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")

@@ -5,8 +5,9 @@ while application writes wait, clearing bits as the target confirms blocks, prog
 Application writes during a resync stay correct without range locks: the source reads a
 block and queues it on the link in one loop step, and an application write to that block is
 also written locally and queued in one step, so both disks see the two in the same order.
-Checksum mode (`csum=True`): the source sends only CRC32C per block first; the target
-compares with its own and asks for the data only where they differ.
+Checksum mode (`csum=True`): the source sends only a digest per block first (`csums-alg`,
+blockrep.digest; both nodes agreed on it in the handshake); the target compares with its
+own and asks for the data only where they differ.
 
 Crash safety (both sides keep a persistent record of what remains, so a kill of either
 resumes where it was): a bitmap-based resync starts with the bitmap exchange (both sides
@@ -26,6 +27,7 @@ import asyncio
 import logging
 from collections import deque
 
+from .. import digest
 from .. import state as st
 from ..bitmap import BLOCK
 from ..peer import messages, proto
@@ -169,7 +171,7 @@ class ResyncSource:
 
     def _send_data(self, pid, off, ln, data) -> None:
         if self.csum:
-            sums = proto.native.crc32c_blocks(data, BLOCK)
+            sums = digest.block_digests(self.node.link_params.csums_alg, data)
             self.link.send(_HDR(P.RS_CSUM, 0, pid, off, ln, len(sums), _crc(sums)), sums)
             self.progress.sent_bytes += len(sums)
         elif data == _ZEROES[:ln]:
@@ -310,29 +312,27 @@ class ResyncTarget:
     def on_rs_csum(self, link, flags, pid, offset, size, crc, payload):
         if not self.ready:
             raise proto.LinkProtocolError("resync checksums before sync-ready")
-        if offset + size > self.disk.size or len(payload) != 4 * (-(-size // BLOCK)):
+        alg = self.node.link_params.csums_alg
+        if offset + size > self.disk.size or len(payload) != digest.count(alg, size):
             raise proto.LinkProtocolError("malformed resync checksum request")
-        mine = proto.native.crc32c_blocks(self.disk.read(offset, size), BLOCK)
-        if mine == bytes(payload):
+        differ = digest.differing(alg, digest.block_digests(alg, self.disk.read(offset, size)),
+                                  payload)
+        if not differ:
             self._landed(pid, offset, size)  # equal, but maybe only in the page cache
             return
         # ask for each differing run of blocks
         want = 0
         runs = []
-        n = len(mine) // 4
-        i = 0
-        while i < n:
-            if mine[4 * i:4 * i + 4] != payload[4 * i:4 * i + 4]:
-                j = i
-                while j < n and mine[4 * j:4 * j + 4] != payload[4 * j:4 * j + 4]:
-                    j += 1
-                o = offset + i * BLOCK
-                ln = min(offset + size, offset + j * BLOCK) - o
-                runs.append((o, ln))
-                want += ln
-                i = j
-            else:
-                i += 1
+        k = 0
+        while k < len(differ):
+            j = k
+            while j + 1 < len(differ) and differ[j + 1] == differ[j] + 1:
+                j += 1
+            o = offset + differ[k] * BLOCK
+            ln = min(offset + size, offset + (differ[j] + 1) * BLOCK) - o
+            runs.append((o, ln))
+            want += ln
+            k = j + 1
         self.partial[pid] = want
         self.partial_range[pid] = (offset, size)
         for o, ln in runs:

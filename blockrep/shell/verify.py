@@ -1,9 +1,10 @@
 """Online verify: both sides of the block comparison.
 
 Verify: the verify source walks the whole device in 1 MiB requests; for each it reads its
-blocks, sends their CRC32C (P_OV_REQUEST), and the target compares them with its own and
-answers with the indexes of the blocks that differ (P_OV_REPLY). Both sides set those blocks
-in their bitmaps; a resync (`blockrep resync`, or any reconnect) then copies them.
+blocks, sends their digests (P_OV_REQUEST; `verify-alg`, blockrep.digest, agreed on in the
+handshake), and the target compares them with its own and answers with the indexes of the
+blocks that differ (P_OV_REPLY). Both sides set those blocks in their bitmaps; a resync
+(`blockrep resync`, or any reconnect) then copies them.
 The Primary drives a verify (if it is asked on the Secondary, it asks the Primary): the
 Primary reads a range and queues the request in one loop step, ordered in the stream with
 its application writes, so concurrent writes cause no false reports. Writes still landing
@@ -23,6 +24,7 @@ import asyncio
 import logging
 import struct
 
+from .. import digest
 from ..bitmap import BLOCK
 from ..peer import proto
 from ..peer.proto import P
@@ -84,7 +86,7 @@ class Verify:
             pid = self.next_id
             self.next_id += 1
             self.inflight[pid] = (off, ln)
-            sums = proto.native.crc32c_blocks(node.disk.read(off, ln), BLOCK)
+            sums = digest.block_digests(node.link_params.verify_alg, node.disk.read(off, ln))
             link.send(_HDR(P.OV_REQUEST, 0, pid, off, ln, len(sums), _crc(sums)), sums)
             off += ln
         while self.inflight and self.state == "running" and not link.closed:
@@ -133,15 +135,13 @@ class VerifyTarget:
 
     def on_request(self, link, flags, pid, offset, size, crc, payload) -> None:
         node = self.node
-        if offset + size > node.size or len(payload) != 4 * (-(-size // BLOCK)):
+        alg = node.link_params.verify_alg
+        if offset + size > node.size or len(payload) != digest.count(alg, size):
             raise proto.LinkProtocolError("malformed verify request")
-        mine = proto.native.crc32c_blocks(node.disk.read(offset, size), BLOCK)
-        diff = []
-        if mine != bytes(payload):
-            for i in range(len(mine) // 4):
-                if mine[4 * i:4 * i + 4] != payload[4 * i:4 * i + 4]:
-                    diff.append(i)
-                    node.mark_out_of_sync(offset + i * BLOCK, BLOCK)
+        diff = digest.differing(alg, digest.block_digests(alg, node.disk.read(offset, size)),
+                                payload)
+        for i in diff:
+            node.mark_out_of_sync(offset + i * BLOCK, BLOCK)
         self.found_blocks += len(diff)
         self.progress.add(size, node.loop.time())
         body = struct.pack(f"<{len(diff)}I", *diff)

@@ -190,7 +190,7 @@ def test_primary_crash_resyncs_only_activity_log_extents_with_checksums(cluster,
           f"{b['counters']['resync_differing_bytes']}")
     assert total > 0 and total % (4 * MiB) == 0, ls
     assert total <= region + 8 * MiB, f"resynced {total} bytes for a {region}-byte region"
-    # checksum mode: 4 bytes per 4 KiB block, plus the few blocks whose writes were lost
+    # checksum mode: a 16-byte digest per 4 KiB block, plus the few blocks whose writes were lost
     # in flight (iodepth 16 x 4 KiB, protocol C)
     assert ls["sent_bytes"] < total // 8, ls
     assert b["counters"]["resync_differing_bytes"] < total // 8, b["counters"]

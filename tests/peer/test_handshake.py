@@ -41,9 +41,13 @@ NA = bytes(range(100, 132))    # the acceptor's nonce
 STATE = {"role": "Secondary", "disk": "UpToDate", "gen": [1, 0, []], "bitmap": []}
 
 
-def params(me, peer, *, secret=SECRET, resource="r0", size=1 << 20, tls=False, timeout=5.0):
+ALGS = {"csums_alg": "xxh3-128", "verify_alg": "xxh3-128"}  # the defaults, in every STATE
+
+
+def params(me, peer, *, secret=SECRET, resource="r0", size=1 << 20, tls=False, timeout=5.0,
+           **algs):
     return HandshakeParams(resource=resource, me=me, peer=peer, secret=secret, size=size,
-                           tls=tls, timeout=timeout)
+                           tls=tls, timeout=timeout, **algs)
 
 
 def dialer(nonce=ND, now=0.0, **kw) -> LinkHandshake:
@@ -129,8 +133,8 @@ def test_handshake_establishes_both_sides(chunks):
     d, a = dialer(), acceptor()
     ev_d, ev_a = pump(d, a, chunks)
     e_d, e_a = established(ev_d), established(ev_a)
-    assert e_d.state == {**STATE, "size": 1 << 20}
-    assert e_a.state == {**STATE, "role": "Primary", "size": 1 << 20}
+    assert e_d.state == {**STATE, "size": 1 << 20, **ALGS}
+    assert e_a.state == {**STATE, "role": "Primary", "size": 1 << 20, **ALGS}
     assert e_d.hello["node"] == "beta" and e_a.hello["node"] == "alpha"
     assert e_d.leftover == e_a.leftover == b""
     assert d.phase is a.phase is HsPhase.ESTABLISHED
@@ -266,6 +270,34 @@ def test_size_mismatch_refused_both_sides_after_auth():
     ev_d, ev_a = pump(d, a)
     for ev in (refused(ev_d), refused(ev_a)):
         assert "disk sizes differ" in ev.reason and ev.authenticated
+
+
+@pytest.mark.parametrize("key", ["csums_alg", "verify_alg"])
+def test_digest_mismatch_refused_both_sides_after_auth(key):
+    d, a = dialer(**{key: "sha256"}), acceptor()
+    ev_d, ev_a = pump(d, a)
+    name = key.replace("_", "-")
+    # each side gets the other's STATE and refuses, each from its own point of view
+    r_d, r_a = refused(ev_d), refused(ev_a)
+    assert r_d.reason == (f"{name} differs: this node (alpha) uses 'sha256', the peer (beta) "
+                          f"uses 'xxh3-128'; configure the same {name} on both nodes")
+    assert r_a.reason == (f"{name} differs: this node (beta) uses 'xxh3-128', the peer "
+                          f"(alpha) uses 'sha256'; configure the same {name} on both nodes")
+    assert r_d.authenticated and r_a.authenticated
+    assert not any(isinstance(e, Established) for e in ev_d + ev_a)
+
+
+def test_state_without_digest_names_refused():
+    d, a = dialer(), acceptor()
+    hello_d = sent(d.start())
+    auth_d = sent(d.receive_data(sent(a.receive_data(hello_d, 0)), 0))
+    auth_state_a = sent(a.receive_data(auth_d, 0))
+    n = HEADER_SIZE + struct.unpack_from(">I", auth_state_a, 28)[0]
+    d.receive_data(auth_state_a[:n], 0)  # the acceptor's proof
+    old_state = proto.encode_control(P.STATE, {**STATE, "size": 1 << 20})  # no digest names
+    r = refused(d.receive_data(old_state, 0))
+    assert r.reason.startswith("csums-alg differs: this node (alpha) uses 'xxh3-128', the "
+                               "peer (beta) does not say its csums-alg")
 
 
 def test_refuse_from_an_unauthenticated_peer_never_means_standalone():

@@ -18,8 +18,9 @@ class Cluster(LoopbackPair):
     def __init__(self, tmp_path, size: str = "256M", secret: str = "test-secret",
                  resource: dict | None = None, metadata: bool = True,
                  sizes: dict | None = None, addresses: dict | None = None,
-                 secrets_per_node: dict | None = None, names_per_node: dict | None = None):
-        per_node = {n: {} for n in NODES}
+                 secrets_per_node: dict | None = None, names_per_node: dict | None = None,
+                 resource_per_node: dict | None = None):
+        per_node = {n: dict((resource_per_node or {}).get(n, {})) for n in NODES}
         for n in NODES:
             if n in (names_per_node or {}):
                 per_node[n]["name"] = names_per_node[n]
