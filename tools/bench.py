@@ -67,6 +67,17 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def nbd_tls_certs(tmp: str, tag: str) -> tuple[str, str]:
+    """An X.509 server certificate for 127.0.0.1 made with trustme -> (cert, key) files."""
+    import trustme  # a test dependency (pyproject.toml [test])
+
+    leaf = trustme.CA().issue_cert("127.0.0.1", "localhost")
+    cert, key = (os.path.join(tmp, f"{tag}-nbd-server.{x}") for x in ("crt", "key"))
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    return cert, key
+
+
 @dataclass
 class Target:
     name: str
@@ -74,6 +85,7 @@ class Target:
     port: int
     proc: subprocess.Popen | None = None
     py: str = PY  # the Python (and so the blockrep checkout) that runs blockrep targets
+    nbd_tls: bool = False  # served over NBD STARTTLS with TLS required: fio uses nbds://
 
     def cpu_pids(self) -> dict[str, int]:
         """The processes whose CPU time is this target's cost, by role."""
@@ -91,16 +103,22 @@ class Target:
 
     @property
     def uri(self) -> str:
+        if self.nbd_tls:
+            # fio's nbd engine does not let libnbd read local files named in the URI
+            # (tls-certificates=DIR), so it does not verify the bench's throwaway server
+            # certificate: the handshake is one-time, the per-request cost is the same
+            return f"nbds://127.0.0.1:{self.port}/?tls-verify-peer=false"
         return f"nbd://127.0.0.1:{self.port}/"
 
 
 class ReplicatedTarget(Target):
     """A blockrep primary with a connected secondary: blockrep.loopback's pair (the one the
     demo and the tests use), run by `py` (this checkout's Python, or a baseline's); with
-    tls=True the link runs over mutual TLS (certificates made here with trustme)."""
+    tls=True the link runs over mutual TLS (certificates made here with trustme); with
+    nbd_tls=True the Primary's NBD export has nbd-tls = "require"."""
 
     def __init__(self, name: str, disk: str, tmp: str, py: str = PY, tls: bool = False,
-                 busy_poll: float = 0):
+                 busy_poll: float = 0, nbd_tls: bool = False):
         self.tmp = tmp
         self.disk = disk
         tag = name.replace("@", "-")
@@ -116,6 +134,17 @@ class ReplicatedTarget(Target):
         if busy_poll:
             self._edit_configs(lambda text: text.replace(
                 "[resource]\n", f"[resource]\nbusy-poll = {busy_poll}\n"))
+        if nbd_tls:
+            self.nbd_tls = True
+            cert, key = nbd_tls_certs(tmp, tag)
+
+            def edit(text: str) -> str:
+                text = text.replace("[resource]\n", '[resource]\nnbd-tls = "require"\n')
+                for n in ("alpha", "beta"):
+                    text = text.replace(f"[node.{n}]\n", f'[node.{n}]\nnbd-tls-cert = '
+                                                         f'"{cert}"\nnbd-tls-key = "{key}"\n')
+                return text
+            self._edit_configs(edit)
 
     def _edit_configs(self, edit) -> None:
         for path in set(self.pair.configs.values()):
@@ -285,13 +314,17 @@ class QsdMirrorTarget(Target):
 def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
                  baseline: str | None = None) -> list[Target]:
     """`NAME@base` runs blockrep target NAME from the checkout `baseline` (its .venv);
-    `NAME-poll` is blockrep target NAME with busy polling (BUSY_POLL_US, shell/busypoll.py)."""
+    `NAME-poll` is blockrep target NAME with busy polling (BUSY_POLL_US, shell/busypoll.py);
+    `NAME-nbdtls` serves blockrep target NAME over NBD STARTTLS with TLS required (fio
+    connects to an nbds:// URI)."""
     out = []
     for name in names:
         port = free_port()
         kind, _, at = name.partition("@")
         poll = kind.startswith("blockrep") and kind.endswith("-poll")
         kind = kind.removesuffix("-poll") if poll else kind
+        nbd_tls = kind.startswith("blockrep") and kind.endswith("-nbdtls")
+        kind = kind.removesuffix("-nbdtls") if nbd_tls else kind
         py = PY
         if at:
             if at != "base" or not baseline or not kind.startswith("blockrep"):
@@ -301,11 +334,15 @@ def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
             argv = [py, "-m", "blockrep", "serve", "--disk", disk,
                     "--listen", f"127.0.0.1:{port}"] + (
                         ["--busy-poll", str(BUSY_POLL_US)] if poll else [])
+            if nbd_tls:
+                cert, key = nbd_tls_certs(tmp, name.replace("@", "-"))
+                argv += ["--tls", "require", "--tls-cert", cert, "--tls-key", key]
         elif name == "nbdkit":
             argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", disk]
         elif kind in ("blockrep-repl", "blockrep-repl-tls"):
             out.append(ReplicatedTarget(name, disk, tmp, py=py, tls=kind.endswith("-tls"),
-                                        busy_poll=BUSY_POLL_US if poll else 0))
+                                        busy_poll=BUSY_POLL_US if poll else 0,
+                                        nbd_tls=nbd_tls))
             continue
         elif name in ("qsd-mirror-unix", "qsd-mirror-tcp"):
             out.append(QsdMirrorTarget(name, disk, tmp, name.rsplit("-", 1)[1]))
@@ -315,7 +352,7 @@ def make_targets(disk: str, names: list[str], tmp: str = "/tmp",
                     "-t", "-e", "8", "--cache=writeback", "--aio=threads", disk]
         else:
             raise SystemExit(f"unknown target {name}")
-        out.append(Target(name, argv, port, py=py))
+        out.append(Target(name, argv, port, py=py, nbd_tls=nbd_tls))
     return out
 
 
@@ -681,7 +718,10 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", help="comma list: blockrep, nbdkit, qemu-nbd, "
                                       "blockrep-repl, blockrep-repl-tls (the link over "
                                       "TLS), qsd-mirror-unix, qsd-mirror-tcp; a "
-                                      "blockrep target + '-poll' runs it with busy polling")
+                                      "blockrep target + '-nbdtls' serves NBD over TLS "
+                                      "(tls = require, nbds:// URI), e.g. blockrep-nbdtls, "
+                                      "blockrep-repl-tls-nbdtls; + '-poll' runs it with "
+                                      "busy polling")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per workload (median)")
@@ -696,9 +736,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"tools/bench needs {tool} (run tools/setup)")
     if args.mode in ("io", "all", "replicated"):
         if args.targets is None:
-            args.targets = "blockrep,nbdkit,qemu-nbd" if args.mode == "io" else \
-                "blockrep,nbdkit,qemu-nbd,blockrep-repl,blockrep-repl-tls,qsd-mirror-unix," \
-                "qsd-mirror-tcp"
+            args.targets = "blockrep,blockrep-nbdtls,nbdkit,qemu-nbd" if args.mode == "io" \
+                else "blockrep,blockrep-nbdtls,nbdkit,qemu-nbd,blockrep-repl," \
+                "blockrep-repl-tls,blockrep-repl-nbdtls,blockrep-repl-tls-nbdtls," \
+                "qsd-mirror-unix,qsd-mirror-tcp"
         run_io_bench(args)
     if args.mode in ("resync", "all"):
         run_resync_bench(args)
