@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from . import digest
+from .peer import compress
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,7 @@ RESOURCE_KEYS = {
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
     "busy-poll": (int, float), "csums-alg": str, "verify-alg": str,
+    "compression": str,
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str,
@@ -79,6 +81,8 @@ class ResourceConfig:
     nbd_tls: str = "off"  # off | on | require (docs/nbd.md)
     nbd_handshake_timeout: float = 10.0
     busy_poll: float = 0.0  # microseconds the loop keeps polling after I/O (shell/busypoll)
+    compression: str = "none"  # none | lz4 | zstd (blockrep.peer.compress)
+    compression_level: int = 0
     handshake_timeout: float = 5.0  # the whole link handshake, up to the peer's proof
     max_handshakes: int = 8  # inbound link connections not yet authenticated, at once
     tls: bool = False
@@ -292,6 +296,11 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             raise ConfigError(f"{path}: resource.busy-poll must be 0-10000 microseconds "
                               f"(got {res['busy-poll']!r})")
         cfg.busy_poll = float(res["busy-poll"])
+    if "compression" in res:
+        try:
+            cfg.compression, cfg.compression_level = compress.parse(res["compression"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: resource.compression: {exc}") from None
     if cfg.timeout <= cfg.ping_interval:
         raise ConfigError(f"{path}: resource.timeout must exceed resource.ping-interval")
     if "run-dir" in res:

@@ -103,6 +103,7 @@ class HandshakeParams:
     timeout: float = 5.0  # the whole exchange up to the peer's proof (a trickle cannot extend)
     csums_alg: str = DEFAULT_DIGEST  # block digests: both nodes must use the same (STATE)
     verify_alg: str = DEFAULT_DIGEST
+    features: int = FEATURES  # advertised in HELLO (compression: what this node decodes)
 
 
 def _field(b: bytes) -> bytes:
@@ -243,7 +244,7 @@ class LinkHandshake:
 
     def _send_hello(self) -> None:
         p = self.params
-        self._send(P.HELLO, {"version": VERSION, "features": FEATURES,
+        self._send(P.HELLO, {"version": VERSION, "features": p.features,
                              "resource": p.resource, "node": p.me, "peer": p.peer,
                              "nonce": self.nonce})
 
@@ -367,10 +368,10 @@ class LinkHandshake:
     def _proof(self, label: str) -> bytes:
         p, peer_nonce = self.params, self.peer_hello["nonce"]
         if self.dialer:
-            d, a, fd, fa, nd, na = p.me, p.peer, FEATURES, self.peer_features, self.nonce, \
+            d, a, fd, fa, nd, na = p.me, p.peer, p.features, self.peer_features, self.nonce, \
                 peer_nonce
         else:
-            d, a, fd, fa, nd, na = p.peer, p.me, self.peer_features, FEATURES, peer_nonce, \
+            d, a, fd, fa, nd, na = p.peer, p.me, self.peer_features, p.features, peer_nonce, \
                 self.nonce
         return proof(p.secret, label, dialer=d, acceptor=a, resource=p.resource,
                      version=VERSION, features_d=fd, features_a=fa, nonce_d=nd, nonce_a=na)

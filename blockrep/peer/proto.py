@@ -8,7 +8,8 @@ Every packet is a fixed 40-byte header plus a payload:
 big-endian. `hcrc` is the CRC32C of the 36 bytes before it: a header damaged on the way is
 refused (the link drops and resyncs) instead of steering a write to the wrong place or
 leaving it unanswered. Data packets (P_DATA, P_RS_DATA) carry the block payload as is, with its CRC32C
-in `crc`; control packets carry a msgpack map. See docs/wire-protocol.md; the handshake and
+in `crc` (compressed when F_LZ4/F_ZSTD is set, `size` then the plain length and `crc` the
+plain data's, see blockrep.peer.compress); control packets carry a msgpack map. See docs/wire-protocol.md; the handshake and
 its authentication live in blockrep.peer.handshake.
 Must not: touch sockets or clocks.
 """
@@ -26,7 +27,7 @@ MAGIC = 0x42524550  # "BREP"
 VERSION = 3  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
            # connection-bound authentication, STARTTLS, size in STATE
            # 3: header checksum (hcrc)
-FEATURES = 0  # feature bits, none yet
+FEATURES = 0  # feature bits every node has; per-node ones (compression) in HandshakeParams
 HEADER = struct.Struct(">IHHQQIIII")
 HEADER_SIZE = HEADER.size  # 40
 _FIELDS = struct.Struct(">IHHQQIII")  # the 36 bytes hcrc covers
@@ -68,6 +69,8 @@ F_FLUSH = 1 << 2  # on BARRIER: flush the disk before acking
 F_ZERO = 1 << 3   # on RS_DATA: the block range is all zeroes, no payload
 F_PART = 1 << 4   # on RS_DATA: part of a checksum-mode request (answers an RS_REQUEST)
 F_LAST = 1 << 5   # on BITMAP: the sender's bitmap is complete (no payload)
+F_LZ4 = 1 << 6    # on DATA/RS_DATA: payload lz4-compressed (blockrep.peer.compress)
+F_ZSTD = 1 << 7   # on DATA/RS_DATA: payload zstd-compressed
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
 DATA_TYPES = frozenset({P.DATA, P.RS_DATA})

@@ -17,7 +17,7 @@ import os
 import socket
 import ssl
 
-from ..peer import proto
+from ..peer import compress, proto
 from ..peer.handshake import NONCE_LEN, Established, LinkHandshake, Refused, Send, StartTls
 from ..peer.proto import HEADER_SIZE, P, LinkProtocolError
 from . import tls
@@ -31,6 +31,10 @@ SMALL_READ = 16 * 1024
 BIG = 256 * 1024
 HS_READ = 4096  # read buffer until the peer proved itself (a HELLO is ~150 bytes)
 _SELF_CHECKED = proto.SELF_CHECKED  # their handlers check the payload CRC themselves
+_DATA_TYPES = proto.DATA_TYPES
+_F_COMPRESSED = compress.F_COMPRESSED
+_HDR = proto.frame
+_crc = proto.native.crc32c
 
 
 class Rejections:
@@ -94,6 +98,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._paused = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.compressor: compress.Compressor | None = None  # once established, if negotiated
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, *parts) -> None:
@@ -112,6 +117,18 @@ class PeerLink(asyncio.BufferedProtocol):
                 self.bytes_sent += len(p)
             self.transport.writelines(self._out)
         self._out.clear()
+
+    def send_data(self, ptype: int, flags: int, pid: int, offset: int, data) -> None:
+        """A P_DATA / P_RS_DATA packet, compressed when negotiated and it pays."""
+        n = len(data)
+        crc = _crc(data)
+        comp = self.compressor
+        if comp is not None:
+            got = comp.compress(data)
+            if got is not None:
+                self.send(_HDR(ptype, flags | got[0], pid, offset, n, len(got[1]), crc), got[1])
+                return
+        self.send(_HDR(ptype, flags, pid, offset, n, n, crc), data)
 
     def send_control(self, ptype: int, body: dict) -> None:
         self.send(proto.encode_control(ptype, body))
@@ -282,6 +299,9 @@ class PeerLink(asyncio.BufferedProtocol):
             raise LinkProtocolError(f"unexpected packet type {ptype}")
         if ptype not in _SELF_CHECKED and payload:
             proto.check_payload(ptype, crc, payload)
+        elif flags & _F_COMPRESSED and ptype in _DATA_TYPES:
+            payload = compress.decompress(flags, payload, size)
+            flags &= ~_F_COMPRESSED
         handler(self, flags, pid, offset, size, crc, payload)
 
     # -- handshake ---------------------------------------------------------------------------
@@ -348,6 +368,9 @@ class PeerLink(asyncio.BufferedProtocol):
         self.hs = None
         self.established = True
         self.peer_hello = ev.hello
+        cfg = self.node.cfg
+        self.compressor = compress.Compressor.for_peer(
+            cfg.compression, cfg.compression_level, ev.hello.get("features", 0))
         self._buf = bytearray(RECV_BUF)
         self._mv = memoryview(self._buf)
         self._pool = BufferPool()

@@ -24,7 +24,7 @@ from ..bitmap import Bitmap
 from ..config import ResourceConfig
 from ..disk import Disk
 from ..nbd.handshake import make_export
-from ..peer import messages, proto
+from ..peer import compress, messages, proto
 from ..peer.handshake import HandshakeParams, Refused
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role
@@ -80,7 +80,8 @@ class Node:
         self.link_params = HandshakeParams(
             resource=cfg.name, me=self.name, peer=self.peer_cfg.name,
             secret=cfg.shared_secret.encode(), size=self.size, tls=cfg.tls,
-            timeout=cfg.handshake_timeout, csums_alg=cfg.csums_alg, verify_alg=cfg.verify_alg)
+            timeout=cfg.handshake_timeout, csums_alg=cfg.csums_alg, verify_alg=cfg.verify_alg,
+            features=compress.features(cfg.compression))
         self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
         self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")

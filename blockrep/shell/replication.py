@@ -180,7 +180,10 @@ class Replicator:
         kind = req.kind
         if kind == WRITE:
             n = len(data)
-            link.send(_HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
+            if link.compressor is None:
+                link.send(_HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
+            else:
+                link.send_data(_P_DATA, pflags, pid, req.offset, data)
             self.bytes_replicated += n
         else:
             if kind == ZERO and not may_trim:

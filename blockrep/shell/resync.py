@@ -177,7 +177,7 @@ class ResyncSource:
         elif data == _ZEROES[:ln]:
             self.link.send(_HDR(P.RS_DATA, proto.F_ZERO, pid, off, ln, 0, 0))
         else:
-            self.link.send(proto.data_header(P.RS_DATA, pid, off, data), data)
+            self.link.send_data(P.RS_DATA, 0, pid, off, data)
             self.progress.sent_bytes += ln
 
     # -- answers from the target -------------------------------------------------------------
@@ -198,7 +198,7 @@ class ResyncSource:
         if rng is None or not (rng[0] <= offset and offset + size <= rng[0] + rng[1]):
             raise proto.LinkProtocolError("resync data request outside an open request")
         data = self.disk.read(offset, size)
-        self.link.send(proto.data_header(P.RS_DATA, pid, offset, data, proto.F_PART), data)
+        self.link.send_data(P.RS_DATA, proto.F_PART, pid, offset, data)
         self.progress.sent_bytes += size
 
 
