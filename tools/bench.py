@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from blockrep.loopback import LoopbackPair, PairError, stop_process
 
+import bench_distance  # noqa: E402 - tools/bench_distance.py, beside this file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 BUSY_POLL_US = 100  # the -poll targets' busy-poll window (microseconds)
@@ -712,9 +714,11 @@ def run_resync_bench(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
-    ap.add_argument("--mode", default="io", choices=("io", "replicated", "resync", "all"),
+    ap.add_argument("--mode", default="io", choices=("io", "replicated", "resync", "distance",
+                                                     "all"),
                     help="io: standalone servers; replicated: + primary/secondary pair and "
-                         "the qemu-storage-daemon mirror; resync: resync throughput")
+                         "the qemu-storage-daemon mirror; resync: resync throughput; "
+                         "distance: over a shaped link, beside rsync (tools/bench_distance.py)")
     ap.add_argument("--targets", help="comma list: blockrep, nbdkit, qemu-nbd, "
                                       "blockrep-repl, blockrep-repl-tls (the link over "
                                       "TLS), qsd-mirror-unix, qsd-mirror-tcp; a "
@@ -730,7 +734,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--baseline", help="another blockrep checkout (with its .venv): targets "
                                        "NAME@base run from it, e.g. blockrep-repl@base")
+    bench_distance.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.mode == "distance":
+        return bench_distance.run_distance_bench(args)
     for tool in ("fio", "nbdkit", "qemu-nbd", "nbdcopy"):
         if not shutil.which(tool):
             raise SystemExit(f"tools/bench needs {tool} (run tools/setup)")
