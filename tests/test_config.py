@@ -587,3 +587,21 @@ def test_bad_digest_algorithm(key, alg, fragment):
 def test_digest_algorithm_wrong_type():
     bad(with_(lambda raw: raw["resource"].update({"csums-alg": 128})),
         "resource.csums-alg: wrong type int")
+# -- link compression ---------------------------------------------------------------------------
+
+def test_compression_default_and_settings():
+    cfg = parse(base())
+    assert (cfg.compression, cfg.compression_level) == ("none", 0)
+    for text, want in (("lz4", ("lz4", 0)), ("zstd", ("zstd", 3)), ("zstd:9", ("zstd", 9)),
+                       ("none", ("none", 0))):
+        cfg = parse(with_(lambda r: r["resource"].__setitem__("compression", text)))
+        assert (cfg.compression, cfg.compression_level) == want
+
+
+def test_compression_errors():
+    bad(with_(lambda r: r["resource"].__setitem__("compression", "gzip")),
+        "resource.compression", "none, lz4 or zstd")
+    bad(with_(lambda r: r["resource"].__setitem__("compression", "zstd:40")),
+        "resource.compression", "1..22")
+    bad(with_(lambda r: r["resource"].__setitem__("compression", 1)),
+        "resource.compression: wrong type")

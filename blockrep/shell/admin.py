@@ -380,13 +380,12 @@ def status(node) -> dict:
             "bytes_applied": a.bytes_applied,
             "link_bytes_sent": link.bytes_sent if link else 0,
             "link_bytes_received": link.bytes_received if link else 0,
-            # what this node's sends saved (None: the link is not compressed this way)
-            "link_compression": link.compressor.as_dict() if link and link.compressor
-            else None,
             "resync_differing_bytes": node.resync_differing_bytes,
         },
         "metadata": node.store.describe() if node.store is not None else None,
         "fencing": node.fencer.status(),
+        # what this node's sends on the link saved (None: not compressed in this direction)
+        "compression": link.compressor.as_dict() if link and link.compressor else None,
     }
 
 
