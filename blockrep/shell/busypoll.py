@@ -23,9 +23,9 @@ import time
 class BusyPoll:
     """`kick()` on I/O activity; the loop stays awake until `window_us` after the last one."""
 
-    __slots__ = ("loop", "window", "until", "spinning", "spins")
+    __slots__ = ("loop", "window", "until", "spinning", "spins", "clock")
 
-    def __init__(self, loop, window_us: float):
+    def __init__(self, loop, window_us: float, clock=time.monotonic):
         if window_us < 0:
             raise ValueError("busy-poll window must be >= 0 microseconds")
         self.loop = loop
@@ -33,15 +33,16 @@ class BusyPoll:
         self.until = 0.0
         self.spinning = False
         self.spins = 0  # poll steps taken (a figure for status and tests)
+        self.clock = clock
 
-    def kick(self, _now=time.monotonic) -> None:
-        self.until = _now() + self.window
+    def kick(self) -> None:
+        self.until = self.clock() + self.window
         if not self.spinning:
             self.spinning = True
             self.loop.call_soon(self._spin)
 
-    def _spin(self, _now=time.monotonic) -> None:
-        if _now() < self.until:
+    def _spin(self) -> None:
+        if self.clock() < self.until:
             self.spins += 1
             self.loop.call_soon(self._spin)
         else:

@@ -11,38 +11,69 @@ from blockrep.shell.busypoll import BusyPoll
 from blockrep.shell.nbd_limits import NbdLimits
 
 
+class FakeLoop:
+    """call_soon collects callbacks; step() runs one trip through the loop."""
+
+    def __init__(self):
+        self.ready = []
+
+    def call_soon(self, fn):
+        self.ready.append(fn)
+
+    def step(self):
+        ready, self.ready = self.ready, []
+        for fn in ready:
+            fn()
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
 def test_window_keeps_the_loop_polling_then_closes():
-    async def main():
-        bp = BusyPoll(asyncio.get_running_loop(), 20_000)  # 20 ms
-        assert not bp.spinning
+    loop, clock = FakeLoop(), Clock()
+    bp = BusyPoll(loop, 200, clock=clock)  # 200 µs
+    assert not bp.spinning and not loop.ready
+    bp.kick()
+    assert bp.spinning and len(loop.ready) == 1
+    for _ in range(10):  # inside the window: every trip re-arms one poll step
+        clock.t += 10e-6
+        loop.step()
+        assert len(loop.ready) == 1
+    assert bp.spins == 10
+    clock.t += 200e-6  # past the window: the step does not re-arm, the loop may sleep
+    loop.step()
+    assert not bp.spinning and not loop.ready and bp.spins == 10
+    bp.kick()  # a new request opens it again
+    assert bp.spinning and len(loop.ready) == 1
+
+
+def test_kicks_extend_the_window_and_never_stack_steps():
+    loop, clock = FakeLoop(), Clock()
+    bp = BusyPoll(loop, 100, clock=clock)
+    for _ in range(50):  # a kick every 60 µs: never closes, one step in flight at a time
         bp.kick()
-        assert bp.spinning
-        await asyncio.sleep(0.005)
-        assert bp.spinning and bp.spins > 10  # polled many times inside the window
-        await asyncio.sleep(0.05)
-        assert not bp.spinning  # closed 20 ms after the kick: the loop sleeps again
-        spins = bp.spins
-        await asyncio.sleep(0.01)
-        assert bp.spins == spins
-        bp.kick()  # a new request opens it again
-        assert bp.spinning
-        await asyncio.sleep(0.05)
-        assert not bp.spinning and bp.spins > spins
-    asyncio.run(main())
+        bp.kick()
+        clock.t += 60e-6
+        loop.step()
+        assert bp.spinning and len(loop.ready) == 1
+    clock.t += 100e-6
+    loop.step()
+    assert not bp.spinning
 
 
-def test_kicks_extend_the_window():
+def test_it_runs_on_a_real_loop():
     async def main():
-        bp = BusyPoll(asyncio.get_running_loop(), 10_000)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        while loop.time() - t0 < 0.05:  # a kick every 2 ms for 50 ms: never closes
-            bp.kick()
-            await asyncio.sleep(0.002)
-            assert bp.spinning
-        await asyncio.sleep(0.05)
-        assert not bp.spinning
-    asyncio.run(main())
+        bp = BusyPoll(asyncio.get_running_loop(), 1000)
+        bp.kick()
+        while bp.spinning:  # closes by itself, however slowly this machine runs
+            await asyncio.sleep(0)
+        return bp.spins
+    assert asyncio.run(asyncio.wait_for(main(), 30)) >= 0
 
 
 def test_off_by_default_and_bounds():
@@ -77,6 +108,7 @@ def test_nbd_requests_kick_it():
         req = proto.encode_request(NbdCmd.WRITE, 0, 1, 0, 4096) + bytes(4096)
         assert feed(conn, req) == len(req)
         assert srv.busy.spinning and len(pending) == 1
-        await asyncio.sleep(0.03)
-        assert not srv.busy.spinning and srv.busy.spins > 0
+        while srv.busy.spinning:
+            await asyncio.sleep(0)
+        assert srv.busy.spins >= 0
     asyncio.run(main())
