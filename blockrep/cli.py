@@ -252,6 +252,16 @@ def cmd_events(args) -> int:
     return EXIT_OK
 
 
+def cmd_adjust(args) -> int:
+    cfg, node = _load_cfg(args)
+    res = admin_call(cfg, node.name, "adjust", path=os.path.abspath(args.config))
+    if args.json:
+        _print_result(args, res)
+    else:
+        print("\n".join(res["changed"]) or res.get("note", ""))
+    return EXIT_OK
+
+
 def _wait_for_state(args, pred, what: str) -> int:
     """Poll the node's status until pred(status) holds, or fail after --timeout."""
     cfg, node = _load_cfg(args)
@@ -368,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
             _simple("resync"))
     res_cmd("invalidate", "discard local data: full resync from the peer",
             _simple("invalidate"))
+    res_cmd("adjust", "apply the configuration's changed tunables to the running node",
+            cmd_adjust)
+    res_cmd("resume-io", "resume client I/O suspended by fencing", _simple("resume-io"))
     c = res_cmd("create-md", "create metadata for this node", cmd_create_md)
     c.add_argument("--force", action="store_true", help="overwrite existing metadata")
     res_cmd("dump-md", "print this node's metadata (node must be down)", cmd_dump_md)

@@ -25,6 +25,7 @@ RESOURCE_KEYS = {
     "name": str, "protocol": str, "shared-secret": str, "ping-interval": (int, float),
     "timeout": (int, float), "connect-interval": (int, float), "run-dir": str,
     "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
+    "c-min-rate": str, "c-max-rate": str, "c-fill-target": str,
     "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str, "fencing": str,
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
@@ -38,8 +39,11 @@ NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export"
 NBD_TLS_MODES = ("off", "on", "require")
 TLS_FILES = ("tls-cert", "tls-key", "tls-ca")
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
-FENCING = ("dont-care", "resource-only")
-HANDLER_KEYS = {"fence-peer": str, "unfence-peer": str, "fence-peer-timeout": (int, float)}
+FENCING = ("dont-care", "resource-only", "resource-and-stonith")
+HANDLER_KEYS = {"fence-peer": str, "unfence-peer": str, "split-brain": str,
+                "initial-split-brain": str, "before-resync-target": str,
+                "after-resync-target": str, "out-of-sync": str,
+                "fence-peer-timeout": (int, float), "handler-timeout": (int, float)}
 SB_POLICIES = ("disconnect", "discard-zero-changes", "discard-least-changes",
                "discard-younger-primary", "discard-secondary")
 
@@ -76,6 +80,10 @@ class ResourceConfig:
     admin_group: str | None = None  # may read status/events over the admin socket
     resync_rate: int = 0  # bytes/s, 0 = unlimited (adaptive controller still applies)
     resync_window: int = 32
+    # DRBD's dynamic resync controller (docs/operations.md "Resync rate control"):
+    c_min_rate: int = 32 << 20  # resync floor while the application writes; 0 = no throttle
+    c_max_rate: int = 0  # resync ceiling, bytes/s; 0 = none (resync-rate caps too)
+    c_fill_target: int = 0  # resync bytes in flight to aim for; 0 = resync-window requests
     after_sb_0pri: str = "disconnect"
     after_sb_1pri: str = "disconnect"
     nbd_tls: str = "off"  # off | on | require (docs/nbd.md)
@@ -91,6 +99,7 @@ class ResourceConfig:
     fencing: str = "dont-care"
     handlers: dict = field(default_factory=dict)  # [handlers]: name -> shell command
     fence_peer_timeout: float = 60.0
+    handler_timeout: float = 60.0  # every other handler is killed after this long
     raw: dict = field(default_factory=dict, repr=False)
 
     def node(self, name: str | None) -> NodeConfig:
@@ -312,6 +321,13 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             cfg.resync_rate = parse_size(res["resync-rate"]) if res["resync-rate"] != "0" else 0
         except ValueError as exc:
             raise ConfigError(f"{path}: resource.resync-rate: {exc}") from None
+    for key in ("c-min-rate", "c-max-rate", "c-fill-target"):
+        if key in res:
+            try:
+                v = parse_size(res[key]) if res[key] != "0" else 0
+            except ValueError as exc:
+                raise ConfigError(f"{path}: resource.{key}: {exc}") from None
+            setattr(cfg, key.replace("-", "_"), v)
     if "resync-window" in res:
         if not 1 <= res["resync-window"] <= 256:
             raise ConfigError(f"{path}: resource.resync-window must be 1..256")
@@ -361,12 +377,14 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
         raise ConfigError(f"{path}: [handlers] must be a table")
     _check_keys(handlers, HANDLER_KEYS, f"{path}: handlers")
     cfg.handlers = {k: v for k, v in handlers.items() if isinstance(v, str)}
-    if "fence-peer-timeout" in handlers:
-        if handlers["fence-peer-timeout"] <= 0:
-            raise ConfigError(f"{path}: handlers.fence-peer-timeout must be positive")
-        cfg.fence_peer_timeout = float(handlers["fence-peer-timeout"])
-    if cfg.fencing == "resource-only" and not cfg.handlers.get("fence-peer"):
-        raise ConfigError(f"{path}: resource.fencing = \"resource-only\" needs "
+    for key, attr in (("fence-peer-timeout", "fence_peer_timeout"),
+                      ("handler-timeout", "handler_timeout")):
+        if key in handlers:
+            if not 0 < handlers[key] < math.inf:
+                raise ConfigError(f"{path}: handlers.{key} must be positive and finite")
+            setattr(cfg, attr, float(handlers[key]))
+    if cfg.fencing != "dont-care" and not cfg.handlers.get("fence-peer"):
+        raise ConfigError(f"{path}: resource.fencing = \"{cfg.fencing}\" needs "
                           f"handlers.fence-peer")
     return cfg
 

@@ -90,6 +90,16 @@ class FakeLink:
         raise AssertionError(f"link aborted: {reason}")
 
 
+class NoHandlers:
+    """No [handlers] configured (shell/handlers.py's interface)."""
+
+    def configured(self, name):
+        return False
+
+    def fire(self, name, **extra):
+        pass
+
+
 class FakeNode:
     def __init__(self, loop):
         self.loop = loop
@@ -105,6 +115,7 @@ class FakeNode:
         self.resync_target = None
         self.resync_differing_bytes = 0
         self.last_sync = None
+        self.hooks = NoHandlers()
 
     def run_io(self, fn, done):
         fut = self.loop.run_in_executor(self.executor, fn)

@@ -334,6 +334,29 @@ def cmd_invalidate(node) -> str:
     return "local data invalidated; a full resync from the peer follows"
 
 
+def cmd_adjust(node, path: str | None = None) -> dict:
+    """Re-read the configuration, apply its tunables (shell/adjust.py)."""
+    from .adjust import AdjustRefused, adjust
+    try:
+        return adjust(node, path)
+    except AdjustRefused as exc:
+        raise AdminError(str(exc), exc.code) from None
+
+
+def cmd_resume_io(node) -> str:
+    """Release I/O suspended by fencing (DRBD's resume-io), e.g. after the operator made
+    sure by other means that the peer cannot be promoted."""
+    f = node.fencer
+    if not f.suspended:
+        return "client I/O is not suspended"
+    if f.task is not None and not f.task.done():
+        raise AdminError("resume-io refused: the fence-peer handler is still running",
+                         "refused")
+    log.warning("resume-io by the operator")
+    f.resume()
+    return "client I/O resumed"
+
+
 # -- status -------------------------------------------------------------------------------------
 
 def status(node) -> dict:
@@ -342,6 +365,7 @@ def status(node) -> dict:
     if node.resync_source is not None:
         sync = node.resync_source.progress.as_dict(now)
         sync["window"] = node.resync_source.cur_window
+        sync["control"] = node.resync_source.control_status()
     elif node.resync_target is not None:
         sync = node.resync_target.progress.as_dict(now)
         sync["remaining_bytes"] = node.bitmap.count_bytes()  # the target's own record
@@ -410,6 +434,13 @@ def format_status(s: dict) -> str:
                      f"{human(sy['total_bytes'])}) rate:{human(sy['rate_bytes_per_s'])}/s{eta}"
                      + (f" left to copy:{human(sy['remaining_bytes'])}"
                         if "remaining_bytes" in sy else ""))
+        if sy.get("control"):
+            k = sy["control"]
+            lines.append(f"    rate control: c-min-rate:{human(k['c_min_rate'])}/s "
+                         f"c-max-rate:{human(k['c_max_rate'])}/s "
+                         f"c-fill-target:{human(k['c_fill_target'])} "
+                         f"app-busy:{'yes' if k['app_busy'] else 'no'} "
+                         f"throttled:{k['throttled']}")
     if s.get("decision"):
         lines.append(f"    last decision: {s['decision']['strategy']} "
                      f"(rule: {s['decision']['rule']})")
@@ -440,4 +471,6 @@ COMMANDS = {
     "verify": cmd_verify,
     "invalidate": cmd_invalidate,
     "resync": cmd_resync,
+    "adjust": cmd_adjust,
+    "resume-io": cmd_resume_io,
 }

@@ -61,6 +61,7 @@ def established(node, link, body: dict) -> None:
              node.gen.short(), d)
     if d.rule == st.Rule.AFTER_SB_POLICY:
         log.warning("split brain auto-recovery: %s", d)
+        node.hooks.fire("initial-split-brain")
     node.emit("connected", peer=node.peer_cfg.name, decision=d.strategy.value,
               rule=d.describe())
     v = st.check_established(d, i_am_primary=node.is_primary,
@@ -70,8 +71,12 @@ def established(node, link, body: dict) -> None:
         quiet = v.rv in (st.Rv.SPLIT_BRAIN, st.Rv.UNRELATED_DATA)
         if quiet:
             log.error("%s", v.reason)
+        if v.rv == st.Rv.SPLIT_BRAIN:
+            node.hooks.fire("initial-split-brain")
+            node.hooks.fire("split-brain")
         refuse(node, link, v.reason, standalone=True, tell_peer=not quiet)
         return
+    node.fencer.peer_connected()
     s = d.strategy
     if s == Strategy.NO_SYNC:
         node.set_replication(ReplState.ESTABLISHED)

@@ -1,4 +1,5 @@
-"""Resource-level fencing (DRBD's `fencing resource-only`) and the fence/unfence handlers.
+"""Resource-level fencing (DRBD's `fencing resource-only` and `resource-and-stonith`) and the
+fence/unfence handlers.
 
 When a Primary that was replicating loses its peer, client I/O is suspended: writes,
 trims, zeroes and flushes keep running locally, but none completes to its NBD client until the
@@ -6,14 +7,16 @@ trims, zeroes and flushes keep running locally, but none completes to its NBD cl
 being promoted (e.g. by a Pacemaker constraint, contrib/pacemaker/crm-fence-peer). The
 handler's exit code follows DRBD's contract: 3 (peer already Inconsistent/Outdated),
 4 (peer outdated/fenced), 5 (peer down/unreachable), 7 (peer stonithed) mean the peer's disk
-counts as Outdated; anything else is a failure (logged; I/O resumes, as with DRBD's
-resource-only). Once the peer's disk is UpToDate again (a resync finished, or a connect
-without one), `unfence-peer` runs. Handlers run with `/bin/sh -c` and get BLOCKREP_RESOURCE,
-BLOCKREP_NODE, BLOCKREP_PEER, BLOCKREP_CONFIG (and DRBD_RESOURCE, DRBD_PEER) in the
-environment.
+counts as Outdated; anything else (or a timeout) is a failure. The two policies differ only
+there: with `resource-only` a failure is logged and I/O resumes (DRBD's resource-only); with
+`resource-and-stonith` I/O stays suspended after a failure until the peer is connected again
+or the operator runs `blockrep resume-io` (DRBD's `drbdadm resume-io`): a Primary that could
+not make sure its peer will not be promoted acknowledges nothing. Once the peer's disk is
+UpToDate again (a resync finished, or a connect without one), `unfence-peer` runs. Handlers
+run through shell/handlers.py (environment, timeout).
 
 Owns: the suspended state, the held completions (FencedTarget wraps the replicator's
-Target, shell/target.py), running the handlers.
+Target, shell/target.py), the fence-peer exit-code contract.
 Must not: decide roles or sync direction (node.py does).
 """
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from functools import partial
 
 from ..state import DiskState, Role
@@ -36,17 +38,21 @@ class Fencer:
     def __init__(self, node):
         self.node = node
         self.cfg = node.cfg
-        self.enabled = node.cfg.fencing == "resource-only"
         self.suspended = False
         self.held: list = []  # (callback, args) of completions held while suspended
         self.task: asyncio.Task | None = None
-        self.last: dict | None = None  # the last handler run, for status
+        self.last: dict | None = None  # the last fence/unfence handler run, for status
+        self.failed = False  # resource-and-stonith: the handler failed, I/O stays suspended
+
+    @property
+    def enabled(self) -> bool:  # read each time: `adjust` may change the policy
+        return self.cfg.fencing in ("resource-only", "resource-and-stonith")
 
     # -- the client-completion gate --------------------------------------------------------
     def target(self, inner):
-        """The Target the NBD server submits to: `inner` itself, or (fencing on) a
-        FencedTarget that holds its completions while I/O is suspended."""
-        return FencedTarget(self, inner) if self.enabled else inner
+        """The Target the NBD server submits to: a FencedTarget that holds its completions
+        while I/O is suspended (always wrapped: `adjust` may turn fencing on)."""
+        return FencedTarget(self, inner)
 
     def complete(self, cb, cookie, err) -> None:
         """A request's answer: passed on, or held while I/O is suspended."""
@@ -85,16 +91,34 @@ class Fencer:
                          FENCED_CODES[rc], rc)
                 if node.link is None:
                     node.peer_disk = DiskState.OUTDATED
+            elif self.cfg.fencing == "resource-and-stonith":
+                log.error("fence-peer failed (exit %s): the peer was NOT fenced; client I/O "
+                          "stays suspended (resource-and-stonith) until the peer is back "
+                          "or 'blockrep resume-io'", rc)
+                self.failed = True
+                node.emit("fence-failed", exit=rc, io_suspended=True)
+                return
             else:
                 log.error("fence-peer failed (exit %s): the peer was NOT fenced; resuming "
                           "I/O (resource-only)", rc)
-        finally:
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("fence-peer handler failed")
+        self.resume()
+
+    def peer_connected(self) -> None:
+        """The peer is connected again: the fencing question is settled (its writes
+        replicate); I/O suspended after a failed handler resumes."""
+        if self.suspended and (self.task is None or self.task.done()):
+            log.warning("peer connected again: resuming the suspended client I/O")
             self.resume()
 
     def resume(self) -> None:
         if not self.suspended:
             return
         self.suspended = False
+        self.failed = False
         held, self.held = self.held, []
         log.warning("client I/O resumed (%d held completion(s) released)", len(held))
         self.node.emit("io-resumed", released=len(held))
@@ -104,47 +128,22 @@ class Fencer:
     def peer_up_to_date(self) -> None:
         """The peer's disk is UpToDate again: remove the fencing constraint."""
         if self.cfg.handlers.get("unfence-peer"):
-            self.node.loop.create_task(self.run_handler("unfence-peer", 60.0))
+            self.node.loop.create_task(self.run_handler("unfence-peer", self.cfg.handler_timeout))
 
     # -- handlers -----------------------------------------------------------------------------
     async def run_handler(self, name: str, timeout: float) -> int | None:
-        cmd = self.cfg.handlers.get(name)
-        if not cmd:
-            return None
-        node = self.node
-        env = {**os.environ, "BLOCKREP_RESOURCE": self.cfg.name, "BLOCKREP_NODE": node.name,
-               "BLOCKREP_PEER": node.peer_cfg.name, "BLOCKREP_CONFIG": self.cfg.path,
-               "BLOCKREP_HANDLER": name, "DRBD_RESOURCE": self.cfg.name,
-               "DRBD_PEER": node.peer_cfg.name}
-        t0 = node.loop.time()
-        log.info("running %s handler: %s", name, cmd)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", cmd, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            log.error("%s handler could not run: %s", name, exc)
-            return None
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            log.error("%s handler killed after %.0fs", name, timeout)
-            rc, out = None, b""
-        else:
-            rc = proc.returncode
-        text = out.decode(errors="replace").strip()
-        self.last = {"handler": name, "exit": rc, "seconds": round(node.loop.time() - t0, 3),
-                     "output": text[-500:]}
-        log.info("%s handler exited %s after %.2fs%s", name, rc, self.last["seconds"],
-                 f": {text[-300:]}" if text else "")
-        node.emit("handler", **self.last)
+        hooks = self.node.hooks
+        rc = await hooks.run(name, timeout)
+        if hooks.last is not None and hooks.last["handler"] == name:
+            self.last = hooks.last
         return rc
 
     def status(self) -> dict:
-        return {"policy": self.cfg.fencing, "io_suspended": self.suspended,
-                "held_completions": len(self.held), "last_handler": self.last}
+        d = {"policy": self.cfg.fencing, "io_suspended": self.suspended,
+             "held_completions": len(self.held), "last_handler": self.last}
+        if self.failed:
+            d["fence_failed"] = True
+        return d
 
 
 class FencedTarget:

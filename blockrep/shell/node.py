@@ -32,6 +32,7 @@ from . import connect
 from . import tls as tls_mod
 from .admin import AdminServer
 from .fencing import Fencer
+from .handlers import Handlers
 from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
@@ -87,6 +88,7 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
         self.applier = Applier(self)
         self.replicator = Replicator(self)
+        self.hooks = Handlers(self)  # [handlers] (shell/handlers.py)
         self.fencer = Fencer(self)
         self.resync_source: ResyncSource | None = None
         self.resync_target: ResyncTarget | None = None
@@ -174,6 +176,7 @@ class Node:
         await self._settle_transfer_log()
         for t in self.tasks:
             t.cancel()
+        self.hooks.cancel()
         if self.resync_task is not None:
             self.resync_task.cancel()
         for link in list(self.handshaking) + ([self.link] if self.link else []):
@@ -225,11 +228,10 @@ class Node:
             await asyncio.sleep(self.cfg.connect_interval)
 
     async def _timer(self) -> None:
-        cfg = self.cfg
-        tick = min(cfg.ping_interval, cfg.barrier_interval) / 2
+        cfg = self.cfg  # read each round: `adjust` retunes these in place
         last_barrier = self.loop.time()
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(min(cfg.ping_interval, cfg.barrier_interval) / 2)
             now = self.loop.time()
             for link in list(self.handshaking):
                 link.check_time(now, cfg.timeout)

@@ -41,6 +41,7 @@ log = logging.getLogger("blockrep.resync")
 
 CHUNK = 1 << 20  # bytes per resync request
 APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
+APP_BUSY_BYTES = 32 * 1024  # application bytes per 100 ms that make c-min-rate apply
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
 _HDR = proto.frame
 _crc = proto.native.crc32c
@@ -82,8 +83,13 @@ class ResyncSource:
         self.csum = csum
         self.bitmap = node.bitmap
         self.disk = node.disk
-        self.window = node.cfg.resync_window
-        self.cur_window = self.window
+        self.cur_window = node.cfg.resync_window
+        self.inflight_bytes = 0
+        self._sent: deque[tuple[float, int]] = deque()  # (time, bytes) of the last second
+        self._sent_sum = 0
+        self._app_mark = (node.loop.time(), node.replicator.bytes_replicated)
+        self._app_busy_now = False
+        self.throttled = 0  # times c-min-rate held the resync back
         self._adjusted = 0.0
         self.inflight = RangeSet()  # pid -> (offset, length) sent, not yet acknowledged
         self.next_id = 1
@@ -100,19 +106,21 @@ class ResyncSource:
     async def run(self) -> bool:
         """Copy until the bitmap is clean; False if the link went away first."""
         node, link = self.node, self.link
-        rate = node.cfg.resync_rate
-        t_start = node.loop.time()
-        budget_start = t_start
+        rate = self.cap()
+        budget_start = node.loop.time()
         sent_for_rate = 0
         while True:
             busy = False
             for off, ln in self.bitmap.byte_runs(CHUNK):  # found window by window
                 while not self.cancelled and not link.closed and (
-                        len(self.inflight) >= self._window() or link.congested):
+                        len(self.inflight) >= self._window() or link.congested
+                        or self.inflight_bytes >= self.fill_target()):
                     self.wake.clear()
                     await self.wake.wait()
-                if self.cancelled or link.closed:
+                if not await self._throttle():
                     return False
+                if rate != self.cap():  # retuned by `adjust`: a new budget from now
+                    rate, budget_start, sent_for_rate = self.cap(), node.loop.time(), 0
                 if rate:
                     due = budget_start + sent_for_rate / rate
                     delay = due - node.loop.time()
@@ -135,6 +143,59 @@ class ResyncSource:
             # bits remain (skipped busy ranges, a failed block): go round again
             await asyncio.sleep(0.001 if busy else 0)
 
+    # -- rate control (DRBD's c-min-rate, c-max-rate, c-fill-target; read from the
+    # configuration each time, so `blockrep adjust` retunes a running resync) -------------
+    @property
+    def window(self) -> int:
+        return self.node.cfg.resync_window
+
+    def cap(self) -> int:
+        """The resync ceiling in bytes/s (resync-rate, c-max-rate: the lower set one)."""
+        cfg = self.node.cfg
+        return min([r for r in (cfg.resync_rate, cfg.c_max_rate) if r], default=0)
+
+    def fill_target(self) -> int:
+        return self.node.cfg.c_fill_target or self.window * CHUNK
+
+    def _app_busy(self, now: float) -> bool:
+        """Did the application write more than APP_BUSY_BYTES in the last ~100 ms?"""
+        if now - self._app_mark[0] >= 0.1:
+            written = self.node.replicator.bytes_replicated
+            self._app_busy_now = written - self._app_mark[1] > APP_BUSY_BYTES
+            self._app_mark = (now, written)
+        return self._app_busy_now
+
+    def recent_rate(self, now: float) -> float:
+        """Resync bytes sent in the last second."""
+        sent = self._sent
+        while sent and now - sent[0][0] > 1.0:
+            self._sent_sum -= sent.popleft()[1]
+        return float(self._sent_sum)
+
+    async def _throttle(self) -> bool:
+        """c-min-rate: while the application writes, resync goes no faster than the floor
+        (it never goes slower: below the floor it is not held back). False when the resync
+        was cancelled or the link closed meanwhile."""
+        floor = self.node.cfg.c_min_rate
+        held = False
+        while not self.cancelled and not self.link.closed:
+            now = self.node.loop.time()
+            if not floor or not self._app_busy(now) or self.recent_rate(now) < floor:
+                return True
+            if not held:
+                held = True
+                self.throttled += 1
+            await asyncio.sleep(0.005)
+        return False
+
+    def control_status(self) -> dict:
+        cfg, now = self.node.cfg, self.node.loop.time()
+        return {"c_min_rate": cfg.c_min_rate, "c_max_rate": cfg.c_max_rate,
+                "resync_rate": cfg.resync_rate, "c_fill_target": self.fill_target(),
+                "inflight_bytes": self.inflight_bytes, "app_busy": self._app_busy(now),
+                "throttled": self.throttled, "recent_rate_bytes_per_s": int(
+                    self.recent_rate(now))}
+
     def _window(self) -> int:
         """AIMD: while application writes wait for the peer, halve the resync window (at
         most every 20 ms); while they do not, grow it by one up to resync-window. The
@@ -147,12 +208,16 @@ class ResyncSource:
                 self.cur_window = max(1, self.cur_window // 2)
             elif self.cur_window < self.window:
                 self.cur_window += 1
+            self.cur_window = min(self.cur_window, self.window)  # adjust may lower it
         return self.cur_window
 
     def _send_one(self, off: int, ln: int) -> None:
         pid = self.next_id
         self.next_id += 1
         self.inflight[pid] = (off, ln)  # from now on writes to this range wait for the ack
+        self.inflight_bytes += ln
+        self._sent.append((self.node.loop.time(), ln))
+        self._sent_sum += ln
         if ln < ASYNC_MIN:
             self._send_data(pid, off, ln, self.disk.read(off, ln))
             return
@@ -185,6 +250,7 @@ class ResyncSource:
         rng = self.inflight.pop(pid, None)
         if rng is None:
             return
+        self.inflight_bytes -= rng[1]
         self.bitmap.clear_range(*rng)
         self.node.bitmap_changed()
         self.progress.add(rng[1], self.node.loop.time())
@@ -219,6 +285,8 @@ class ResyncTarget:
         self.unflushed: list[tuple[int, int, int]] = []  # written, not yet flushed
         self.flushing = False
         self.flushes = 0
+        self.prior = node.disk_state  # before this resync made it Inconsistent
+        self.gate: asyncio.Task | None = None  # the before-resync-target handler
 
     # -- start and end -----------------------------------------------------------------------
     def on_sync_start(self, body: dict) -> None:
@@ -227,6 +295,32 @@ class ResyncTarget:
         node = self.node
         self.progress.total, self.csum, uuid = messages.sync_start(body)
         node.bitmap_exchange = None
+        if node.hooks.configured("before-resync-target"):
+            # DRBD's before-resync-target: run before any resync data lands here (e.g. a
+            # snapshot of the consistent, older data); non-zero exit drops the connection
+            self.gate = node.loop.create_task(self._before(uuid))
+            return
+        self._adopt(uuid)
+
+    async def _before(self, uuid) -> None:
+        node = self.node
+        rc = await node.hooks.run("before-resync-target",
+                                  RESYNC_BYTES=self.progress.total)
+        if self.link.closed or node.resync_target is not self:
+            return
+        if rc != 0:
+            why = f"before-resync-target handler exited {rc}: resync deferred"
+            log.error("%s; dropping the connection", why)
+            node.last_error = why
+            if self.prior in (DiskState.UP_TO_DATE, DiskState.OUTDATED):
+                node.set_disk(DiskState.OUTDATED)  # no resync data written yet
+                node.persist()
+            self.link.close(why)
+            return
+        self._adopt(uuid)
+
+    def _adopt(self, uuid) -> None:
+        node = self.node
         node.gen.current, node.gen.bitmap = uuid, 0
         node.bitmap_writer.flush(lambda exc: self._record_persisted(exc))
 
@@ -276,6 +370,7 @@ class ResyncTarget:
         node.persist()
         node.send_state()
         node.fencer.peer_up_to_date()
+        node.hooks.fire("after-resync-target", RESYNC_BYTES=self.progress.done)
 
     # -- data --------------------------------------------------------------------------------
     def on_rs_data(self, link, flags, pid, offset, size, crc, payload):
@@ -446,9 +541,9 @@ async def _run_source(node, link, ex, csum: bool, peer_gen) -> None:
 
 
 def start_target(node, link, *, full: bool, total: int) -> None:
+    node.resync_target = ResyncTarget(node, link, total)  # remembers the disk state
     node.set_replication(ReplState.SYNC_TARGET)
     node.set_disk(DiskState.INCONSISTENT)
-    node.resync_target = ResyncTarget(node, link, total)
     if full:
         node.bitmap.set_all()
     else:

@@ -216,3 +216,6 @@ class Verifier:
         log.info("verify %s: %d out-of-sync block(s) found (%d bytes)", v.state,
                  v.found_blocks, v.found_blocks * BLOCK)
         node.emit("verify-finished", **self.last)
+        if v.found_blocks:
+            node.hooks.fire("out-of-sync", OUT_OF_SYNC_BYTES=v.found_blocks * BLOCK,
+                            OUT_OF_SYNC_BLOCKS=v.found_blocks)
