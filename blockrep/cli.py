@@ -262,6 +262,34 @@ def cmd_adjust(args) -> int:
     return EXIT_OK
 
 
+def cmd_events2(args) -> int:
+    """The event stream in drbdsetup events2's shape (shell/events.py)."""
+    from .shell.events import Events2
+    cfg, node = _load_cfg(args)
+    r = Events2(statistics=args.statistics, timestamps=args.timestamps)
+    sock = admin_connect(cfg, node.name, timeout=None)
+    with sock, sock.makefile("rwb") as f:
+        f.write((json.dumps({"cmd": "events", "args": {"statistics": args.statistics}})
+                 + "\n").encode())
+        f.flush()
+        try:
+            for line in f:
+                ev = json.loads(line)
+                if ev.get("ok") is False:
+                    raise CliError(str(ev.get("error")),
+                                   _CODE_EXIT.get(ev.get("code"), EXIT_ERROR),
+                                   ev.get("code", "error"))
+                out = r.exists(ev["result"], ev.get("wallclock")) if "result" in ev \
+                    else r.event(ev)
+                if out:
+                    print("\n".join(out), flush=True)
+                if "result" in ev and args.now:
+                    break
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
 def _wait_for_state(args, pred, what: str) -> int:
     """Poll the node's status until pred(status) holds, or fail after --timeout."""
     cfg, node = _load_cfg(args)
@@ -373,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"give up after this many seconds (exit {EXIT_TIMEOUT}; "
                             f"default 60)")
     res_cmd("events", "print state changes as JSON lines until interrupted", cmd_events)
+    c = res_cmd("events2", "state changes in drbdsetup events2's shape: an 'exists' dump "
+                "ending with 'exists -', then 'change' lines (old->new)", cmd_events2)
+    c.add_argument("--now", action="store_true", help="print the 'exists' dump and exit")
+    c.add_argument("--statistics", action="store_true",
+                   help="sizes, counters, resync/verify progress every second")
+    c.add_argument("--timestamps", action="store_true",
+                   help="prefix each line with the wall-clock time (ISO 8601)")
     res_cmd("verify", "online verify: compare the disks block by block", _simple("verify"))
     res_cmd("resync", "copy what is marked out of sync (e.g. after verify)",
             _simple("resync"))

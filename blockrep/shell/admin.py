@@ -20,10 +20,12 @@ import pwd
 import socket
 import stat
 import struct
+import time
 
 from .. import state as st
 from ..peer.proto import P
 from ..state import DiskState, Generation, ReplState, Rv, Verdict
+from .events import ProgressTicker
 
 log = logging.getLogger("blockrep.admin")
 
@@ -125,6 +127,8 @@ class AdminServer:
         self.subscribers: list[asyncio.StreamWriter] = []
         self.server: asyncio.AbstractServer | None = None
         self.gid = admin_gid(node.cfg.admin_group)
+        self.ticker = ProgressTicker(node, lambda: status(node))  # `events` with statistics: progress each second
+        self.may_promote: bool | None = None
 
     async def start(self) -> None:
         prepare_run_dir(os.path.dirname(self.path) or ".", self.gid)
@@ -142,6 +146,7 @@ class AdminServer:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        self.ticker.close()
         for w in self.subscribers:
             w.close()
         if os.path.lexists(self.path):
@@ -149,14 +154,22 @@ class AdminServer:
 
     def emit(self, kind: str, **fields) -> None:
         if not self.subscribers:
+            self.may_promote = None
             return
         line = (json.dumps({"event": kind, "time": round(self.node.loop.time(), 3),
+                            "wallclock": round(time.time(), 6),
                             "node": self.node.name, **fields}) + "\n").encode()
         for w in list(self.subscribers):
             if w.is_closing():
                 self.subscribers.remove(w)
             else:
                 w.write(line)
+        if kind in ("role", "disk", "connection", "replication", "peer-state"):
+            may, old = may_promote(self.node), self.may_promote
+            if old is not None and may != old:
+                self.may_promote = may
+                self.emit("may-promote", may_promote=may, old=old)
+            self.may_promote = may
 
     def allowed(self, cred: tuple[int, int, int], cmd: str) -> str | None:
         """None if the peer may run `cmd`, else why not."""
@@ -199,9 +212,14 @@ class AdminServer:
                         log.warning("admin: %s (pid %d)", why, cred[0])
                         raise AdminError(why, "permission-denied")
                     if cmd == "events":
-                        writer.write((json.dumps({"ok": True, "result": status(node)})
+                        s = status(node)
+                        self.may_promote = s["may_promote"]
+                        writer.write((json.dumps({"ok": True, "result": s,
+                                                  "wallclock": round(time.time(), 6)})
                                       + "\n").encode())
                         self.subscribers.append(writer)
+                        if (req.get("args") or {}).get("statistics"):
+                            self.ticker.add(writer)
                         continue
                     fn = COMMANDS.get(cmd)
                     if fn is None:
@@ -221,6 +239,7 @@ class AdminServer:
         finally:
             if writer in self.subscribers:
                 self.subscribers.remove(writer)
+            self.ticker.discard(writer)
             writer.close()
 
 
@@ -357,6 +376,11 @@ def cmd_resume_io(node) -> str:
     return "client I/O resumed"
 
 
+def may_promote(node) -> bool:
+    """Would `primary` (without --force) succeed now? (events2's may_promote)"""
+    return not node.is_primary and not st.check_promote(node.facts(), force=False).refused
+
+
 # -- status -------------------------------------------------------------------------------------
 
 def status(node) -> dict:
@@ -376,6 +400,7 @@ def status(node) -> dict:
         "resource": node.cfg.name,
         "node": node.name,
         "role": node.role.value,
+        "may_promote": may_promote(node),
         "disk": node.disk_state.value,
         "connection": node.conn.value,
         "replication": node.repl.value,

@@ -15,7 +15,6 @@ VARS = ("BLOCKREP_RESOURCE", "BLOCKREP_NODE", "BLOCKREP_PEER", "BLOCKREP_PEER_AD
         "BLOCKREP_MY_ADDRESS", "BLOCKREP_BACKING_DEV", "BLOCKREP_CONFIG", "BLOCKREP_HANDLER",
         "DRBD_RESOURCE", "DRBD_PEER")
 
-
 def _install(c, tmp_path, names, *, fencing: str | None = None, exits: dict | None = None):
     """A handler script for each name: it appends its environment to
     marks/<handler>.<node> and exits with the number in marks/<handler>.exit (if any)."""
@@ -43,7 +42,6 @@ def _install(c, tmp_path, names, *, fencing: str | None = None, exits: dict | No
             f.write(text + "\n[handlers]\nhandler-timeout = 20\n" + lines)
     return marks
 
-
 def _runs(marks, handler: str, node: str) -> list[dict]:
     path = marks / f"{handler}.{node}"
     if not path.exists():
@@ -58,7 +56,6 @@ def _runs(marks, handler: str, node: str) -> list[dict]:
             cur[k] = v
     return runs
 
-
 def _wait_runs(marks, handler, node, n=1, timeout=20.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -69,7 +66,6 @@ def _wait_runs(marks, handler, node, n=1, timeout=20.0) -> list[dict]:
     raise AssertionError(f"{handler} did not run {n} time(s) on {node}: "
                          f"{sorted(os.listdir(marks))}")
 
-
 def _check_env(env: dict, c, handler: str, node: str, peer: str) -> None:
     for v in VARS:
         assert v in env, (v, env)
@@ -78,7 +74,6 @@ def _check_env(env: dict, c, handler: str, node: str, peer: str) -> None:
     assert env["BLOCKREP_RESOURCE"] == env["DRBD_RESOURCE"] == "r0"
     assert os.path.samefile(env["BLOCKREP_CONFIG"], c.configs[node])
     assert os.path.samefile(env["BLOCKREP_BACKING_DEV"], c.disk(node))
-
 
 def test_resync_target_and_out_of_sync_handlers(cluster, tmp_path):
     require_tool("qemu-io")
@@ -108,7 +103,6 @@ def test_resync_target_and_out_of_sync_handlers(cluster, tmp_path):
     _check_env(oos, c, "out-of-sync", "alpha", "beta")
     assert int(oos["BLOCKREP_OUT_OF_SYNC_BYTES"]) == 4096, oos
 
-
 def test_split_brain_handler(cluster, tmp_path):
     require_tool("qemu-io")
     c = cluster(size="32M")
@@ -129,7 +123,6 @@ def test_split_brain_handler(cluster, tmp_path):
         _check_env(env, c, "split-brain", node, peer)
         _wait_runs(marks, "initial-split-brain", node)
 
-
 def test_failing_before_resync_target_defers_the_resync(cluster, tmp_path):
     require_tool("qemu-io")
     c = cluster(size="32M")
@@ -146,7 +139,6 @@ def test_failing_before_resync_target_defers_the_resync(cluster, tmp_path):
     log = c.log("beta")
     assert "before-resync-target handler exited 3: resync deferred" in log, log[-2000:]
     assert s["last_sync"]["role"] == "SyncTarget", s
-
 
 def test_resource_and_stonith_keeps_io_suspended_after_a_failed_fence(cluster, tmp_path):
     require_tool("qemu-io")
