@@ -299,6 +299,7 @@ class ResyncTarget:
             # DRBD's before-resync-target: run before any resync data lands here (e.g. a
             # snapshot of the consistent, older data); non-zero exit drops the connection
             self.gate = node.loop.create_task(self._before(uuid))
+            node.tasks.append(self.gate)  # cancelled (handler killed) on shutdown
             return
         self._adopt(uuid)
 
