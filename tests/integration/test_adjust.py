@@ -82,13 +82,13 @@ def test_resync_is_held_to_c_min_rate_beneath_application_writes(cluster):
         while not stop.is_set():
             qemu_io(c.uri("alpha"), *[f"write -P 0x52 {56 + (i % 8)}M 256k"
                                       for i in range(40)], check=False)
-    c.start("beta")
-    c.wait_status("alpha", lambda s: s["replication"] == "SyncSource" and s["sync"]
-                  and s["sync"].get("control"), 20, "resync running", fast=True)
-    th = threading.Thread(target=app)
+    th = threading.Thread(target=app)  # the load is on before the resync starts
     th.start()
     try:
-        time.sleep(1.0)  # the load is on; now measure
+        c.start("beta")
+        c.wait_status("alpha", lambda s: s["replication"] == "SyncSource" and s["sync"]
+                      and s["sync"].get("control"), 20, "resync running", fast=True)
+        time.sleep(1.0)  # settle; now measure
         s0 = c.admin("alpha")
         t0 = time.monotonic()
         time.sleep(2.0)
