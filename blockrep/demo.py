@@ -80,8 +80,12 @@ def run_demo(args) -> int:
                     _cli(pair, "alpha", "primary", "--force", "--skip-initial-sync")
                 else:
                     _cli(pair, "alpha", "primary", "--force")
-            pair.wait_status("alpha", lambda s: s["replication"] in
-                             ("Established", "SyncSource"), 30, "replication to be established")
+            # Established, and the peer's disk state arrived (it follows the connect in
+            # the peer's P_STATE), or a resync started
+            pair.wait_status("alpha", lambda s: s["replication"] == "SyncSource" or
+                             s["replication"] == "Established" and
+                             s["peer"]["disk"] == "UpToDate", 30,
+                             "replication to be established")
         except PairError as exc:
             raise SystemExit(f"blockrep demo: {exc}; see {d}/alpha.log, {d}/beta.log") from None
         st = pair.admin("alpha")
