@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import queue
 import subprocess
+import threading
 import time
 
 from support.helpers import PY, ROOT, require_tool
@@ -21,7 +23,7 @@ def _stamp(line: str) -> tuple[datetime.datetime, str]:
 
 def test_events2_now_dump_and_changes(cluster):
     require_tool("qemu-io")
-    c = cluster(size="64M")
+    c = cluster(size="64M", resource={"resync-rate": "16M"})
     c.up_pair()
     res = subprocess.run(_events2(c, "beta", "--now", "--statistics", "--timestamps"),
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
@@ -45,17 +47,21 @@ def test_events2_now_dump_and_changes(cluster):
     ev = subprocess.Popen(_events2(c, "alpha", "--statistics", "--timestamps"), cwd=ROOT,
                           stdout=subprocess.PIPE, text=True)
     seen: list[str] = []
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in ev.stdout] and None,
+                              daemon=True)
+    reader.start()
 
     def until(pred, what, timeout=30.0):
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = ev.stdout.readline()
-            if not line:
-                break
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {what} within {timeout}s in {seen}") from None
             seen.append(_stamp(line.rstrip("\n"))[1])
             if pred(seen[-1]):
                 return seen[-1]
-        raise AssertionError(f"no {what} in {seen}")
     try:
         until(lambda b: b == "exists -", "exists -")
         c.kill("beta")
@@ -64,9 +70,10 @@ def test_events2_now_dump_and_changes(cluster):
         c.cli("alpha", "adjust")  # nothing changed; an event line all the same
         c.start("beta")
         until(lambda b: "replication:Off->SyncSource" in b, "replication change")
-        until(lambda b: b.startswith("change peer-device") and " done:" in b
-              or "replication:SyncSource->Established" in b, "resync progress or its end")
         until(lambda b: "replication:SyncSource->Established" in b, "resync end")
+        # 40 MiB at 16 MiB/s: 2.5 s, so at least one progress line (one a second)
+        assert any(b.startswith("change peer-device") and " done:" in b and " rate:" in b
+                   for b in seen), seen
         c.cli("alpha", "secondary")
         until(lambda b: "role:Primary->Secondary" in b, "role change")
         line = until(lambda b: "may_promote:no->yes" in b, "may_promote change")
