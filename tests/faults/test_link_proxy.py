@@ -90,12 +90,12 @@ def recv_n(s, n) -> bytes:
     return bytes(out)
 
 
-def rtt(s, rounds=10) -> list[float]:
+def rtt(s, rounds=10, size=16) -> list[float]:
     times = []
     for i in range(rounds):
         t0 = time.monotonic()
-        s.sendall(bytes([i]) * 16)
-        recv_n(s, 16)
+        s.sendall(bytes([i]) * size)
+        recv_n(s, size)
         times.append(time.monotonic() - t0)
     return times
 
@@ -165,6 +165,19 @@ def test_bandwidth_cap(proxy):
     rate = n / elapsed
     print(f"\ncap 1.00 MB/s: {n} bytes in {elapsed:.2f} s = {rate / 1e6:.3f} MB/s")
     assert rate <= 1e6 * 1.05  # never faster than the cap (plus one chunk of slack)
+
+
+def test_a_fast_cap_adds_no_timer_tick_per_chunk(proxy):
+    """At 1 Gbit/s a 4 KiB chunk is on the wire for 33 us: the shaped round trip must stay
+    close to the clean one (a sleep that cost a timer tick per chunk would not). Compared
+    within one run, not against a wall-clock figure."""
+    with connect(proxy) as s:
+        rtt(s, rounds=20, size=4096)  # warm up
+        clean = sorted(rtt(s, rounds=200, size=4096))[100]
+        proxy.shape(rate="1G")
+        shaped = sorted(rtt(s, rounds=200, size=4096))[100]
+    print(f"\nmedian RTT: clean {clean * 1e6:.0f} us, 1 Gbit/s cap {shaped * 1e6:.0f} us")
+    assert shaped < clean * 3 + 0.0008, (clean, shaped)
 
 
 def test_cut_resets_both_sides_and_new_connections_work(proxy, echo):
