@@ -225,6 +225,9 @@ def _simple(cmd: str, **fixed):
 def cmd_status(args) -> int:
     from .shell.admin import format_status
     cfg, node = _load_cfg(args)
+    if args.drbd:  # drbdsetup status --json's shape, for tools written for DRBD
+        print(json.dumps(admin_call(cfg, node.name, "drbd-status"), indent=2))
+        return EXIT_OK
     s = admin_call(cfg, node.name, "status")
     print(json.dumps(s, indent=1) if args.json else format_status(s))
     return EXIT_OK
@@ -391,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolve a split brain: this node's changes are overwritten")
     res_cmd("disconnect", "drop the peer connection and stay StandAlone",
             _simple("disconnect"))
-    res_cmd("status", "show the resource's state", cmd_status)
+    c = res_cmd("status", "show the resource's state", cmd_status)
+    c.add_argument("--drbd", action="store_true",
+                   help="JSON in the shape of `drbdsetup status --json` (resources with "
+                        "devices, connections and peer_devices)")
     for name, helptext, func in (
             ("wait-connect", "wait until the peer is connected", cmd_wait_connect),
             ("wait-sync", "wait until both disks are UpToDate and no resync runs",

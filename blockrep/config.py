@@ -32,10 +32,12 @@ RESOURCE_KEYS = {
     "busy-poll": (int, float), "csums-alg": str, "verify-alg": str,
     "compression": str,
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
+    "metrics": str,
 }
 NODE_KEYS = {"address": str, "disk": str, "nbd": str, "meta-disk": str, "export": str,
              "nbd-tls-cert": str, "nbd-tls-key": str, "nbd-tls-ca": str,
-             "tls-cert": str, "tls-key": str, "tls-ca": str, "tls-fingerprint": str}
+             "tls-cert": str, "tls-key": str, "tls-ca": str, "tls-fingerprint": str,
+             "metrics": str}
 NBD_TLS_MODES = ("off", "on", "require")
 TLS_FILES = ("tls-cert", "tls-key", "tls-ca")
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
@@ -63,6 +65,7 @@ class NodeConfig:
     tls_key: str = ""
     tls_ca: str = ""
     tls_fingerprint: str = ""  # SHA-256 (hex) this node's certificate must have, or ""
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (docs/metrics.md), or off
 
 
 @dataclass
@@ -184,10 +187,16 @@ def _check_clashes(path: str, a: "NodeConfig", b: "NodeConfig") -> None:
         if n.nbd[1] == n.address[1] and _overlap(n.nbd[0], n.address[0]):
             raise ConfigError(f"{path}: node.{n.name}: nbd address {_fmt(n.nbd)} clashes with "
                               f"its replication address {_fmt(n.address)}; use another port")
+        if n.metrics is not None:
+            for what, e in (("replication", n.address), ("nbd", n.nbd)):
+                if n.metrics[1] == e[1] and _overlap(n.metrics[0], e[0]):
+                    raise ConfigError(f"{path}: node.{n.name}: metrics address "
+                                      f"{_fmt(n.metrics)} clashes with its {what} address "
+                                      f"{_fmt(e)}; use another port")
     ka, kb = _host_key(a.address[0]), _host_key(b.address[0])
     one_host = ka == kb or (_is_loopback(ka) and _is_loopback(kb))
-    for what_a, ea in (("replication", a.address), ("nbd", a.nbd)):
-        for what_b, eb in (("replication", b.address), ("nbd", b.nbd)):
+    for what_a, ea in _endpoints(a):
+        for what_b, eb in _endpoints(b):
             if ea[1] != eb[1]:
                 continue
             if one_host:
@@ -201,6 +210,11 @@ def _check_clashes(path: str, a: "NodeConfig", b: "NodeConfig") -> None:
                     f"{path}: node.{a.name} ({what_a} {_fmt(ea)}) and node.{b.name} "
                     f"({what_b} {_fmt(eb)}) would listen on the same address"
                     + (" on one host" if one_host else "") + "; use another port")
+
+
+def _endpoints(n: "NodeConfig") -> list:
+    out = [("replication", n.address), ("nbd", n.nbd)]
+    return out + [("metrics", n.metrics)] if n.metrics is not None else out
 
 
 def _check_keys(table: dict, allowed: dict, where: str) -> None:
@@ -283,6 +297,7 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             tls_ca=table.get("tls-ca", res.get("tls-ca", "")),
             tls_fingerprint=_fingerprint(table.get("tls-fingerprint", ""),
                                          f"{where}.tls-fingerprint"),
+            metrics=_metrics_address(table, res, where, path),
         )
     a, b = nodes.values()
     if a.address == b.address:
@@ -387,6 +402,15 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
         raise ConfigError(f"{path}: resource.fencing = \"{cfg.fencing}\" needs "
                           f"handlers.fence-peer")
     return cfg
+
+
+def _metrics_address(table: dict, res: dict, where: str, path: str):
+    """[node.X] metrics, else [resource] metrics: "HOST:PORT", or "" / absent = off."""
+    if "metrics" in table:
+        text, what = table["metrics"], f"{where}.metrics"
+    else:
+        text, what = res.get("metrics", ""), f"{path}: resource.metrics"
+    return parse_address(text, what) if text else None
 
 
 def _fingerprint(text: str, what: str) -> str:

@@ -83,14 +83,15 @@ class LoopbackPair:
     Images `NODE.img` of `size` bytes are created when missing (or pass `disks`); ports are
     free ones unless given as {node: (link, nbd)}; `resource` adds or overrides resource
     keys; `per_node` overrides them in one node's view only (then each node gets its own
-    configuration file, as when a test wants the two to disagree)."""
+    configuration file, as when a test wants the two to disagree); `node_keys` adds keys to
+    a node's own [node.NAME] table (in every view)."""
 
     def __init__(self, directory, *, name: str = "r0", secret: str = "blockrep-loopback",
                  size: int | dict | None = None, disks: dict | None = None,
                  ports: dict | None = None, addresses: dict | None = None,
                  resource: dict | None = None, per_node: dict | None = None,
                  shared_config: bool = False, python: str = sys.executable,
-                 comment: str = ""):
+                 comment: str = "", node_keys: dict | None = None):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
@@ -109,7 +110,8 @@ class LoopbackPair:
                 "run-dir": os.path.join(self.dir, "run"), **(resource or {})}
         nodes = {n: {"address": f"{self.addresses[n]}:{self.ports[n][0]}",
                      "disk": self.disks[n],
-                     "nbd": f"{self.addresses[n]}:{self.ports[n][1]}"} for n in NODES}
+                     "nbd": f"{self.addresses[n]}:{self.ports[n][1]}",
+                     **(node_keys or {}).get(n, {})} for n in NODES}
         self.configs: dict[str, str] = {}
         self.views: dict[str, dict] = {}
         for n in NODES:

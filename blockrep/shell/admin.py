@@ -4,7 +4,8 @@ Owns: the admin socket (its run directory and modes, the SO_PEERCRED check: stat
 for root or the node's own user, read-only requests also for an `admin-group`), its JSON-lines
 protocol, the operator commands (each one: its precondition from blockrep.state, then its
 effect through the node's setters), the status dict and its text rendering, and the event
-stream to subscribers.
+stream to subscribers; it starts and stops the node's metrics endpoint (shell/metrics.py)
+with the socket.
 Must not: touch the link's packets or the write path; decide whether a command may run
 (blockrep.state does).
 """
@@ -26,10 +27,11 @@ from .. import state as st
 from ..peer.proto import P
 from ..state import DiskState, Generation, ReplState, Rv, Verdict
 from .events import ProgressTicker
+from .stats import drbdsetup_status
 
 log = logging.getLogger("blockrep.admin")
 
-READ_ONLY = frozenset({"status", "events"})  # what an admin-group member may ask
+READ_ONLY = frozenset({"status", "events", "drbd-status"})  # what admin-group may ask
 
 
 class AdminError(Exception):
@@ -129,9 +131,14 @@ class AdminServer:
         self.gid = admin_gid(node.cfg.admin_group)
         self.ticker = ProgressTicker(node, lambda: status(node))  # `events` with statistics: progress each second
         self.may_promote: bool | None = None
+        self.metrics = None  # shell/metrics.MetricsServer with `metrics = "HOST:PORT"`
 
     async def start(self) -> None:
         prepare_run_dir(os.path.dirname(self.path) or ".", self.gid)
+        if self.node.me.metrics is not None:  # listening before the socket shows "up"
+            from .metrics import MetricsServer
+            self.metrics = MetricsServer(self.node, self.node.me.metrics)
+            await self.metrics.start()
         if os.path.lexists(self.path):
             os.unlink(self.path)
         old = os.umask(0o177)  # the socket is born 0600: no window with a wider mode
@@ -147,6 +154,8 @@ class AdminServer:
         if self.server is not None:
             self.server.close()
         self.ticker.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for w in self.subscribers:
             w.close()
         if os.path.lexists(self.path):
@@ -488,6 +497,7 @@ def format_status(s: dict) -> str:
 
 COMMANDS = {
     "status": status,
+    "drbd-status": drbdsetup_status,
     "primary": cmd_primary,
     "secondary": cmd_secondary,
     "connect": cmd_connect,

@@ -22,10 +22,12 @@ import asyncio
 import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter as _now
 
 from ..nbd import proto
 from .buffers import BufferPool
 from .busypoll import BusyPoll
+from .latency import SAMPLE_EVERY, IoStats
 from .nbd_limits import NbdLimits, NbdTls
 from .nbd_session import HS_BUF, RECV_BUF, NbdSession, iolog, log
 from ..nbd.constants import (
@@ -90,6 +92,7 @@ class NbdServer:
         self.inflight_bytes = 0  # write payload bytes in flight, all connections
         self.throttled: set[NbdConnection] = set()  # holding because of node_bytes
         self.handshakes_dropped = 0  # timed out, or dropped for a newer connection
+        self.stats = IoStats()  # bytes read/written, sampled latency (shell/latency.py)
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
         self._own_executor = executor is None
@@ -99,6 +102,11 @@ class NbdServer:
         # the loop's busy polling, kicked by the clients and by a node's peer link
         self.busy = BusyPoll(asyncio.get_event_loop(), self.limits.busy_poll_us) \
             if self.limits.busy_poll_us else None
+
+    @property
+    def requests_inflight(self) -> int:
+        """Write-type requests handed to the target and not yet answered."""
+        return sum(c._inflight for c in self.connections)
 
     def resume_throttled(self) -> None:
         """Connections held by the per-server bound read again (each checks its own)."""
@@ -157,6 +165,9 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._kick = None  # BusyPoll.kick once past the handshake, when busy polling is on
         self._copy = server.target.holds_data  # it keeps the payload: not a view of the ring
         self._complete_scheduled = False
+        self._stats = server.stats
+        self._tick = SAMPLE_EVERY  # write-type requests until the next timed one
+        self._rtick = SAMPLE_EVERY  # reads until the next timed one
         self.rules: RequestRules | None = None
         self.structured = False
         self.meta = False
@@ -240,6 +251,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         dispatch = self._dispatch
         big = False
         produced = 0  # read reply bytes built in this pass
+        nread = 0  # read bytes served in this pass (added to the server's count once)
         read_batch = self._read_batch
         while end - pos >= REQUEST_SIZE and not self._closing and not self._held:
             magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
@@ -279,6 +291,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                 break  # wait for the rest of the payload
             pos += REQUEST_SIZE
             if cmd == 2:  # NbdCmd.DISC
+                self._stats.read_bytes += nread
                 self._start = self._end = 0
                 self._flush_out()
                 asyncio.ensure_future(self.drain_and_close())
@@ -296,13 +309,18 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                     iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
                                 NbdCmd(cmd).name, offset, length, exc)
                 self._reply_err(cookie, nbd_error(exc), cmd, str(exc))
+                if cmd == 0:
+                    nread -= length
             if cmd == 0:  # READ: bound what waits in memory for a slow reader
                 produced += length
+                nread += length
                 if produced >= read_batch:
                     produced = 0
                     self._flush_out()
                     if self._paused_writing:
                         self._hold()  # resume_writing parses the rest of the ring
+        if nread:
+            self._stats.read_bytes += nread
         if pos == end:
             self._start = self._end = 0
         else:
@@ -332,6 +350,15 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
 
     # -- commands ----------------------------------------------------------------------------
     def _cmd_read(self, flags, cookie, offset, length):
+        t = self._rtick = self._rtick - 1
+        if not t:  # every SAMPLE_EVERY-th read is timed: this call again, with t = -1
+            t0 = _now()
+            try:
+                self._cmd_read(flags, cookie, offset, length)
+            finally:
+                self._rtick = SAMPLE_EVERY
+                self._stats.read_latency.observe(_now() - t0)
+            return
         backend = self.backend
         out = self._out
         if not self.structured:
@@ -417,14 +444,24 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._wbytes += n
         srv = self.server
         srv.inflight_bytes += n
+        t = self._tick = self._tick - 1
+        if t:
+            cb, key = self._completed_cb, (cookie, n)
+        else:  # every SAMPLE_EVERY-th request is timed
+            self._tick = SAMPLE_EVERY
+            cb, key = self._completed_timed, (cookie, n, kind, _now())
         # the neutral form (shell/target.py): no NBD flag bits beyond this point
         err = self._submit(kind, offset, length, data, flags & _FUA, not flags & _NO_HOLE,
-                           flags & _FAST_ZERO, self._completed_cb, (cookie, n))
+                           flags & _FAST_ZERO, cb, key)
         if err is not None:  # answered inline: nothing of it stays in flight
             self._inflight -= 1
             self._wbytes -= n
             srv.inflight_bytes -= n
-            if err:
+            if not t:
+                self._stats.by_kind[kind].observe(_now() - key[3])
+            if not err:
+                self._stats.written_bytes += n
+            else:
                 if err != errno.ENOTSUP:
                     iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
                                 KIND_NAMES[kind], offset, length, os.strerror(err))
@@ -441,11 +478,19 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         """A target's answer: errno (0 = done) for the request `key` = (cookie, bytes)."""
         self._completed(key[0], key[1], err and nbd_errno(err))
 
+    def _completed_timed(self, key, err):
+        """The answer to a timed request: `key` = (cookie, bytes, kind, start)."""
+        self._stats.by_kind[key[2]].observe(_now() - key[3])
+        self._completed(key[0], key[1], err and nbd_errno(err))
+
     def _completed(self, cookie, n, err):
         self._inflight -= 1
-        if n and not self._lost:
-            self._wbytes -= n
-            self.server.inflight_bytes -= n
+        if n:
+            if not err:
+                self._stats.written_bytes += n
+            if not self._lost:
+                self._wbytes -= n
+                self.server.inflight_bytes -= n
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
         if not self._complete_scheduled:  # coalesce replies completed in one loop step
             self._complete_scheduled = True

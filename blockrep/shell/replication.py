@@ -21,12 +21,14 @@ import asyncio
 import errno
 import logging
 from collections import deque
+from time import perf_counter as _now
 
 from ..peer import proto
 from ..peer.proto import P
 from ..peer.requests import (FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK, NO_PEER, NOT_WRITTEN,
                              PEER_ACK, WRITE, ZERO, RangeSet, Req, TransferLog)
 
+from .latency import ACK_SAMPLE_MASK, LatencyHistogram
 from .ratelog import RateLimitedLog
 
 log = logging.getLogger("blockrep.repl")
@@ -66,6 +68,9 @@ class Replicator:
         self.local_busy = RangeSet()  # local writes running in threads
         self.applier_busy = node.applier.busy  # writes of a gone link still landing here
         self._landed: list[asyncio.Future] = []  # wait_landed() callers
+        # send -> P_WRITE_ACK time of the packets whose id has no ACK_SAMPLE_MASK bit set
+        self.ack_latency = LatencyHistogram()
+        self._ack_sent: dict[int, float] = {}
 
     @property
     def pending(self) -> dict:
@@ -176,6 +181,8 @@ class Replicator:
             self._mod(req, NO_PEER)  # marked out of sync before it can complete
             return
         pid = self.log.sent(req)
+        if not pid & ACK_SAMPLE_MASK:
+            self._ack_sent[pid] = _now()
         pflags = _F_FUA if fua else 0
         kind = req.kind
         if kind == WRITE:
@@ -234,12 +241,17 @@ class Replicator:
     def on_write_ack(self, link, flags, pid, offset, size, crc, payload):
         req = self._pending_pop(pid, None)
         if req is not None:
+            if not pid & ACK_SAMPLE_MASK:
+                t0 = self._ack_sent.pop(pid, None)
+                if t0 is not None:
+                    self.ack_latency.observe(_now() - t0)
             self._mod(req, PEER_ACK)
 
     def on_neg_ack(self, link, flags, pid, offset, size, crc, payload):
         req = self._pending_pop(pid, None)
         if req is None:
             return
+        self._ack_sent.pop(pid, None)
         log.error("peer failed to apply %s at %d+%d (errno %d); marked out of sync",
                   KIND_NAMES[req.kind], req.offset, req.length, size)
         self._mod(req, NEG_ACK)
@@ -250,6 +262,7 @@ class Replicator:
     def link_lost(self) -> None:
         """Everything the peer may not have durably goes into the bitmap, then the pending
         client requests complete (their local part is done or finishing)."""
+        self._ack_sent.clear()
         self.log.link_lost()
 
     @property

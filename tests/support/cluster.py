@@ -19,7 +19,9 @@ class Cluster(LoopbackPair):
                  resource: dict | None = None, metadata: bool = True,
                  sizes: dict | None = None, addresses: dict | None = None,
                  secrets_per_node: dict | None = None, names_per_node: dict | None = None,
-                 resource_per_node: dict | None = None):
+                 resource_per_node: dict | None = None,
+                 node_keys: dict | None = None):
+        """node_keys: keys of a node's own [node.NAME] table, e.g. {"alpha": {...}}."""
         per_node = {n: dict((resource_per_node or {}).get(n, {})) for n in NODES}
         for n in NODES:
             if n in (names_per_node or {}):
@@ -27,6 +29,7 @@ class Cluster(LoopbackPair):
             if n in (secrets_per_node or {}):
                 per_node[n]["shared-secret"] = secrets_per_node[n]
         super().__init__(tmp_path, secret=secret, addresses=addresses, per_node=per_node,
+                         node_keys=node_keys,
                          size={n: parse_size((sizes or {}).get(n, size)) for n in NODES},
                          resource={"timeout": 3.0, "ping-interval": 0.5, **(resource or {})})
         self.metadata = metadata
