@@ -394,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolve a split brain: this node's changes are overwritten")
     res_cmd("disconnect", "drop the peer connection and stay StandAlone",
             _simple("disconnect"))
+    c = res_cmd("protocol", "switch the running resource's replication protocol",
+                _simple("protocol", protocol=None))
+    c.add_argument("protocol", choices=("A", "B", "C"),
+                   help="A: ack when queued for the peer, B: when the peer has received "
+                        "it, C: when it is on the peer's disk")
     c = res_cmd("status", "show the resource's state", cmd_status)
     c.add_argument("--drbd", action="store_true",
                    help="JSON in the shape of `drbdsetup status --json` (resources with "

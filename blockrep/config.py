@@ -265,9 +265,9 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
     if len(name.encode()) > MAX_NAME:
         raise ConfigError(f"{path}: resource.name is longer than {MAX_NAME} bytes")
     protocol = res.get("protocol", "C")
-    if protocol != "C":
-        raise ConfigError(f"{path}: resource.protocol {protocol!r}: only protocol C is "
-                          f"implemented")
+    if protocol not in ("A", "B", "C"):
+        raise ConfigError(f"{path}: resource.protocol {protocol!r}: use \"A\", \"B\" or "
+                          f"\"C\"")
     nodes_raw = raw.get("node")
     if not isinstance(nodes_raw, dict) or len(nodes_raw) != 2:
         raise ConfigError(f"{path}: exactly two [node.NAME] sections are required")

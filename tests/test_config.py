@@ -240,10 +240,15 @@ def test_same_host_different_ports_ok():
 
 # -- resource options --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("proto", ["A", "B", "c", ""])
-def test_protocol_other_than_c(proto):
+@pytest.mark.parametrize("proto", ["c", "", "D"])
+def test_protocol_unknown(proto):
     bad(with_(lambda r: r["resource"].update({"protocol": proto})), "resource.protocol",
-        "only protocol C")
+        "use \"A\", \"B\" or \"C\"")
+
+
+@pytest.mark.parametrize("proto", ["A", "B", "C"])
+def test_protocols(proto):
+    assert parse(with_(lambda r: r["resource"].update({"protocol": proto}))).protocol == proto
 
 
 @pytest.mark.parametrize("res", [

@@ -50,6 +50,7 @@ class P(enum.IntEnum):
     BARRIER = 15
     BARRIER_ACK = 16
     BITMAP = 17
+    RECV_ACK = 18  # protocol B: the packet `id` has been received (not yet written)
     RS_REQUEST = 20
     RS_DATA = 21
     RS_ACK = 22
@@ -71,6 +72,7 @@ F_PART = 1 << 4   # on RS_DATA: part of a checksum-mode request (answers an RS_R
 F_LAST = 1 << 5   # on BITMAP: the sender's bitmap is complete (no payload)
 F_LZ4 = 1 << 6    # on DATA/RS_DATA: payload lz4-compressed (blockrep.peer.compress)
 F_ZSTD = 1 << 7   # on DATA/RS_DATA: payload zstd-compressed
+F_RECV = 1 << 8   # on DATA/TRIM/ZERO: answer P_RECV_ACK on receipt (protocol B)
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
 DATA_TYPES = frozenset({P.DATA, P.RS_DATA})

@@ -36,14 +36,20 @@ LINK_LOST = 4     # the link went away before the peer answered
 NO_PEER = 5       # there is no link: the write stays local (degraded mode)
 NOT_WRITTEN = 6   # the local part was refused before anything was written (activity-log
                   # write failed, fast zero unsupported): nothing goes to the peer either
+QUEUED = 7        # protocol A: the packet is in the send buffer (the peer part is done for
+                  # the client; the request stays in the log until the peer's write ack)
+RECEIVED = 8      # protocol B: the peer has received the packet (P_RECV_ACK)
 EVENT_NAMES = ("LOCAL_DONE", "PEER_ACK", "NEG_ACK", "BARRIER_ACK", "LINK_LOST", "NO_PEER",
-               "NOT_WRITTEN")
+               "NOT_WRITTEN", "QUEUED", "RECEIVED")
 
 # request state bits
 LOCAL_PENDING = 1  # the local disk has not finished
 PEER_PENDING = 2   # the peer has not answered (or it is not yet known whether it will)
 UNSENT = 4         # not (yet) sent to the peer
 COMPLETED = 8      # the front end has been answered
+GOT = 16           # the peer has received it (protocol B's receive ack)
+
+PROTOCOLS = ("A", "B", "C")
 
 class RangeSet(dict):
     """Byte ranges in flight: key -> (offset, length). Overlap questions are asked often
@@ -79,7 +85,9 @@ class RangeSet(dict):
 class Req:
     """One front-end request on the Primary. `cb(cookie, err)` answers the front end."""
 
-    __slots__ = ("kind", "offset", "length", "cb", "cookie", "state", "err")
+    __slots__ = ("kind", "offset", "length", "cb", "cookie", "state", "err", "t")
+    # t: when the client was answered before the peer had written it (protocols A, B);
+    # set only on that path (the data gap's age), never under protocol C
 
     def __init__(self, kind, offset, length, cb, cookie):
         self.kind = kind
@@ -129,6 +137,10 @@ class TransferLog:
             if req.kind != FLUSH:
                 self.mark(req.offset, req.length)  # before the request can complete
             s &= ~(PEER_PENDING | UNSENT)
+        elif ev == QUEUED:
+            s &= ~PEER_PENDING
+        elif ev == RECEIVED:
+            s = (s & ~PEER_PENDING) | GOT
         elif ev == NOT_WRITTEN:
             if not s & UNSENT:
                 raise ValueError("NOT_WRITTEN after the request was sent")
@@ -213,6 +225,28 @@ class TransferLog:
         if self.tl:
             return min(self.tl)
         return self.epoch if connected else 1 << 62
+
+    def gap(self, now: float) -> dict:
+        """The live data gap: writes the client was answered for (protocols A and B) that
+        the peer has not acknowledged as written. Under A the peer sends no receive acks,
+        so "not received" counts every such write (an upper bound). Status-time only: a
+        scan of the requests waiting for the peer."""
+        n = nbytes = unrecv = unrecv_bytes = 0
+        oldest = None
+        for req in self.pending.values():
+            s = req.state
+            if not s & COMPLETED or req.err:
+                continue
+            n += 1
+            nbytes += req.length
+            if not s & GOT:
+                unrecv += 1
+                unrecv_bytes += req.length
+            if oldest is None:
+                oldest = req.t  # pending is in packet order: the first is the oldest
+        return {"writes_not_on_peer_disk": n, "bytes_not_on_peer_disk": nbytes,
+                "writes_not_received": unrecv, "bytes_not_received": unrecv_bytes,
+                "oldest_s": round(now - oldest, 3) if oldest is not None else 0.0}
 
     def oldest_unacked_age(self, now: float) -> float:
         if not self.barrier_sent_at:

@@ -273,6 +273,7 @@ def cmd_primary(node, force: bool = False, skip_initial_sync: bool = False):
         renegotiate = node.link is not None
     elif node.link is None or node.repl == ReplState.OFF:
         node.gen.start_new_data()  # writes from now on are new data the peer lacks
+        _log_failover_gap(node)
     node.set_role(st.Role.PRIMARY)
     node.was_primary_flag = True
     node.persist()  # the "primary" flag is on disk before any write is served
@@ -283,6 +284,24 @@ def cmd_primary(node, force: bool = False, skip_initial_sync: bool = False):
     else:
         node.send_state()
     return "Primary"
+
+
+def _log_failover_gap(node) -> None:
+    """Promoted without the peer: say what this node may lack, as far as it can know."""
+    a = node.applier
+    proto_ = a.peer_protocol
+    ago = (f"{node.loop.time() - a.lost_at:.1f} s ago" if a.lost_at is not None
+           else "before this node started")
+    if proto_ == "C":
+        what = ("none it acknowledged to its clients (protocol C), only writes still in "
+                "flight")
+    else:
+        what = (f"the writes it acknowledged to its clients but this node had not "
+                f"{'received' if proto_ == 'B' else 'received and written'} when the link "
+                f"was lost (protocol {proto_}); its status showed that gap as "
+                f"data_gap.bytes_not_on_peer_disk")
+    log.warning("promoted without the peer (link lost %s, %d queued request(s) of it "
+                "dropped here): this node may lack %s", ago, a.dropped, what)
 
 
 async def _primary_when_idle(node, force, skip_initial_sync) -> str:
@@ -322,6 +341,17 @@ def cmd_disconnect(node) -> str:
     if node.link is not None:
         node.link.close("disconnected by the operator")
     return node.conn.value
+
+
+def cmd_protocol(node, protocol: str) -> str:
+    """Switch replication protocol A, B or C on the running resource."""
+    try:
+        node.set_protocol(str(protocol))
+    except ValueError as exc:
+        raise AdminError(str(exc), "usage") from None
+    log.info("protocol %s", protocol)
+    node.emit("protocol", protocol=protocol)
+    return f"protocol {protocol}"
 
 
 def cmd_down(node) -> str:
@@ -416,6 +446,7 @@ def status(node) -> dict:
         "peer": {"name": node.peer_cfg.name, "role": node.peer_role.value,
                  "disk": node.peer_disk.value},
         "out_of_sync_bytes": node.bitmap.count_bytes(),
+        "data_gap": r.gap(),
         "size_bytes": node.size,
         "decision": {"strategy": d.strategy.value, "rule": d.describe()} if d else None,
         "last_error": node.last_error,
@@ -482,6 +513,12 @@ def format_status(s: dict) -> str:
         v = s["verify"]
         lines.append(f"    verify: {v.get('state')} {v.get('percent', '')}% "
                      f"out-of-sync found: {human(v.get('found_bytes', 0))}")
+    g = s.get("data_gap")
+    if g:
+        lines.append(f"    protocol:{g['protocol']} gap: not received:"
+                     f"{human(g['bytes_not_received'])} not on peer disk:"
+                     f"{human(g['bytes_not_on_peer_disk'])} out-of-sync:"
+                     f"{human(g['out_of_sync_bytes'])} oldest:{g['oldest_s']}s")
     if s.get("last_error"):
         lines.append(f"    last error: {s['last_error']}")
     c = s["counters"]
@@ -503,6 +540,7 @@ COMMANDS = {
     "connect": cmd_connect,
     "disconnect": cmd_disconnect,
     "down": cmd_down,
+    "protocol": cmd_protocol,
     "verify": cmd_verify,
     "invalidate": cmd_invalidate,
     "resync": cmd_resync,

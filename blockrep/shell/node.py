@@ -111,6 +111,7 @@ class Node:
             P.BARRIER: self.applier.on_barrier,
             P.WRITE_ACK: self.replicator.on_write_ack,
             P.NEG_ACK: self.replicator.on_neg_ack,
+            P.RECV_ACK: self.replicator.on_recv_ack,
             P.BARRIER_ACK: self.replicator.on_barrier_ack,
             P.BITMAP: self._on_bitmap,
             P.RS_DATA: self._on_rs_data,
@@ -173,7 +174,8 @@ class Node:
         log.info("shutting down")
         if self.nbd is not None:
             await self.nbd.close()
-        await self._settle_transfer_log()
+        if self.is_primary:
+            await self.replicator.settle(self.replicating_link(), self.cfg.timeout)
         for t in self.tasks:
             t.cancel()
         self.hooks.cancel()
@@ -194,19 +196,6 @@ class Node:
         self.executor.shutdown(wait=True)
         self.disk.close()
         log.info("down")
-
-    async def _settle_transfer_log(self) -> None:
-        """Clean stop of a connected Primary: end the epoch with a flushing barrier and
-        wait (at most `timeout`) for its ack, so the transfer log is empty and its writes
-        need not be marked out of sync when the link closes."""
-        r, tl = self.replicator, self.replicator.log
-        link = self.replicating_link()
-        if link is None or not self.is_primary or not (tl.tl or tl.pending or tl.epoch_writes):
-            return
-        r.close_epoch(link, flush=True)
-        deadline = self.loop.time() + self.cfg.timeout
-        while (tl.tl or tl.pending) and not link.closed and self.loop.time() < deadline:
-            await asyncio.sleep(0.01)
 
     def run_io(self, fn, done) -> None:
         """Run fn() in the I/O threads; call done(exc or None) back on the loop."""
@@ -279,7 +268,7 @@ class Node:
                 "was_primary": self.was_primary_flag or self.is_primary,
                 "skip_initial_sync": self.skip_initial_sync,
                 "discard_my_data": self.discard_my_data,
-                "changes": self.bitmap.count()}
+                "changes": self.bitmap.count(), "protocol": self.replicator.protocol}
 
     def on_link_refused(self, link: PeerLink, ev: Refused) -> None:
         if ev.authenticated:
@@ -395,6 +384,7 @@ class Node:
 
     def _ctl_state(self, link, body):
         self.peer_role, self.peer_disk = messages.state_update(body)
+        self.applier.peer_protocol = str(body.get("protocol", self.applier.peer_protocol))
         self.emit("peer-state", role=self.peer_role.value, disk=self.peer_disk.value)
 
     def _ctl_sync_start(self, link, body):
@@ -459,7 +449,13 @@ class Node:
         link = self.link
         if link is not None and not link.closed and link.established:
             link.send_control(P.CONTROL, {"op": "state", "role": self.role.value,
-                                          "disk": self.disk_state.value})
+                                          "disk": self.disk_state.value,
+                                          "protocol": self.replicator.protocol})
+
+    def set_protocol(self, protocol: str) -> None:
+        """Protocol A, B or C from the next write on (admin `protocol`, `adjust`)."""
+        self.replicator.set_protocol(protocol)
+        self.send_state()
 
     def persist(self) -> None:
         if self.store is not None:

@@ -10,6 +10,12 @@ loop step in which it queues the packet for the peer, and the secondary applies 
 stream order. A large write runs in the I/O threads on either node; until it has landed, a
 later overlapping request waits (primary: `waiting`, secondary: the applier's FIFO), so
 overlapping writes land in the same order on both disks.
+Protocols (`set_protocol`, the resource's `protocol`): C answers the client when the local
+write is done and the peer has written it (P_WRITE_ACK); B when the peer has received it
+(P_RECV_ACK, asked for with F_RECV, sent before the peer writes); A once the packet is
+queued on the link. Under A and B the request stays in the transfer log until the peer's
+write ack, so a negative ack or a lost link marks it out of sync like any other; FLUSH waits
+for the barrier ack and FUA for the write ack in all three.
 Invariant 3: on link loss every range in the transfer log is set in the bitmap before any
 pending request is completed (TransferLog.link_lost). Nothing a gone link queued on the
 secondary is applied after the link is gone (Applier.link_lost).
@@ -25,8 +31,9 @@ from time import perf_counter as _now
 
 from ..peer import proto
 from ..peer.proto import P
-from ..peer.requests import (FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK, NO_PEER, NOT_WRITTEN,
-                             PEER_ACK, WRITE, ZERO, RangeSet, Req, TransferLog)
+from ..peer.requests import (COMPLETED, FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK, NO_PEER,
+                             NOT_WRITTEN, PEER_ACK, PROTOCOLS, QUEUED, RECEIVED, WRITE, ZERO,
+                             RangeSet, Req, TransferLog)
 
 from .latency import ACK_SAMPLE_MASK, LatencyHistogram
 from .ratelog import RateLimitedLog
@@ -37,7 +44,9 @@ iolog = RateLimitedLog(log)  # a failing disk fails every write: a few lines and
 ASYNC_LOCAL = 256 * 1024  # writes this large are written locally in the I/O threads
 _P_DATA, _P_WRITE_ACK = int(P.DATA), int(P.WRITE_ACK)  # ints on the hot path
 _P_BARRIER, _P_TRIM, _P_ZERO = int(P.BARRIER), int(P.TRIM), int(P.ZERO)
+_P_RECV_ACK = int(P.RECV_ACK)
 _F_FUA, _F_NO_HOLE, _F_FLUSH = proto.F_FUA, proto.F_NO_HOLE, proto.F_FLUSH
+_F_RECV = proto.F_RECV
 _HDR = proto.frame
 _crc = proto.native.crc32c
 _EIO = errno.EIO
@@ -71,10 +80,35 @@ class Replicator:
         # send -> P_WRITE_ACK time of the packets whose id has no ACK_SAMPLE_MASK bit set
         self.ack_latency = LatencyHistogram()
         self._ack_sent: dict[int, float] = {}
+        self.marked_since: float | None = None  # when acked writes began to be only here
+        self.set_protocol(node.cfg.protocol)
 
     @property
     def pending(self) -> dict:
         return self.log.pending
+
+    def set_protocol(self, protocol: str) -> None:
+        """When a write is acknowledged to the client (see the module docstring); takes
+        effect for the next request. FLUSH and FUA wait for the peer's disk in all three."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: use A, B or C")
+        self.protocol = protocol
+        self._early = protocol == "A"  # the peer part is done once the packet is queued
+        self._pflags = _F_RECV if protocol == "B" else 0  # B: the peer acks on receipt
+
+    def gap(self) -> dict:
+        """The live data gap (status, events): what the clients were told is written that
+        the peer may lack, and since when (an RPO estimate)."""
+        now = self.node.loop.time()
+        g = self.log.gap(now)
+        oos = self.node.bitmap.count_bytes()
+        if not oos:
+            self.marked_since = None
+        elif self.marked_since is not None:
+            g["oldest_s"] = max(g["oldest_s"], round(now - self.marked_since, 3))
+        g["out_of_sync_bytes"] = oos
+        g["protocol"] = self.protocol
+        return g
 
     # -- the Target interface ----------------------------------------------------------------
     def submit(self, kind, offset, length, data, fua, may_trim, fast_zero, cb, cookie):
@@ -178,12 +212,14 @@ class Replicator:
         link = self.node.replicating_link()
         if link is None:
             self.writes_local_only += 1
+            if self.marked_since is None:
+                self.marked_since = self.node.loop.time()
             self._mod(req, NO_PEER)  # marked out of sync before it can complete
             return
         pid = self.log.sent(req)
         if not pid & ACK_SAMPLE_MASK:
             self._ack_sent[pid] = _now()
-        pflags = _F_FUA if fua else 0
+        pflags = _F_FUA if fua else self._pflags  # FUA: durable on both, whatever protocol
         kind = req.kind
         if kind == WRITE:
             n = len(data)
@@ -198,6 +234,9 @@ class Replicator:
             link.send(_HDR(_P_ZERO if kind == ZERO else _P_TRIM, pflags, pid,
                            req.offset, req.length, 0, 0))
         self.writes_replicated += 1
+        if self._early and not fua:  # protocol A: queued is enough for the client
+            req.t = self.node.loop.time()
+            self._mod(req, QUEUED)  # stays in the log until the peer's write ack
 
     def _async_written(self, key, req: Req, exc) -> None:
         del self.local_busy[key]
@@ -232,6 +271,18 @@ class Replicator:
         """Send a barrier ending the current epoch; returns that epoch's number."""
         return self._send_barrier(link, flush)
 
+    async def settle(self, link, timeout: float) -> None:
+        """Clean stop of a connected Primary: end the epoch with a flushing barrier and
+        wait (at most `timeout`) for its ack, so the transfer log is empty and its writes
+        need not be marked out of sync when the link closes."""
+        tl = self.log
+        if link is None or not (tl.tl or tl.pending or tl.epoch_writes):
+            return
+        self.close_epoch(link, flush=True)
+        deadline = self.node.loop.time() + timeout
+        while (tl.tl or tl.pending) and not link.closed and self.node.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     def periodic_barrier(self, link) -> None:
         """Bound the transfer log: a flushing barrier when the epoch has writes."""
         if self.log.wants_periodic_barrier():
@@ -246,6 +297,13 @@ class Replicator:
                 if t0 is not None:
                     self.ack_latency.observe(_now() - t0)
             self._mod(req, PEER_ACK)
+
+    def on_recv_ack(self, link, flags, pid, offset, size, crc, payload):
+        """Protocol B: the peer has the packet (not yet written); it stays in the log."""
+        req = self.log.pending.get(pid)
+        if req is not None:
+            req.t = self.node.loop.time()
+            self._mod(req, RECEIVED)
 
     def on_neg_ack(self, link, flags, pid, offset, size, crc, payload):
         req = self._pending_pop(pid, None)
@@ -263,6 +321,15 @@ class Replicator:
         """Everything the peer may not have durably goes into the bitmap, then the pending
         client requests complete (their local part is done or finishing)."""
         self._ack_sent.clear()
+        if self.marked_since is not None and not self.node.bitmap.count_bytes():
+            self.marked_since = None  # a resync emptied the bitmap since
+        oldest = self.node.loop.time()
+        for req in self.log.pending.values():
+            if req.state & COMPLETED and not req.err:  # acked early (A, B)
+                oldest = min(oldest, req.t)
+                break
+        if self.marked_since is None or oldest < self.marked_since:
+            self.marked_since = oldest
         self.log.link_lost()
 
     @property
@@ -293,6 +360,8 @@ class Applier:
         self.busy = RangeSet()
         self.queue: deque = deque()
         self._idle: list[asyncio.Future] = []
+        self.peer_protocol = "C"  # the Primary's, from its STATE (for the failover log)
+        self.lost_at: float | None = None  # when the last link went away
 
     @property
     def idle(self) -> bool:
@@ -342,6 +411,8 @@ class Applier:
         fn(payload)
 
     def _submit(self, link, ptype, pid, flags, offset, size, payload):
+        if flags & _F_RECV:  # protocol B: the receipt is acknowledged before the write
+            link.send(_HDR(_P_RECV_ACK, 0, pid, 0, 0, 0, 0))
         if self.queue or (self.busy and self.busy.overlaps(offset, size)):
             if payload is not None and link.owns(payload):
                 payload = bytes(payload)  # the receive ring is reused
@@ -351,6 +422,7 @@ class Applier:
 
     def link_lost(self, link) -> None:
         """Nothing this link queued lands after it is gone."""
+        self.lost_at = self.node.loop.time()
         queue = self.queue
         if not queue:
             return

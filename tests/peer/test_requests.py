@@ -159,3 +159,59 @@ def test_every_request_completes_once_and_is_marked_before_when_the_peer_may_lac
         peer_may_lack = what == "local-only" or peer_ev != PEER_ACK or local_err
         if req.kind == WRITE and peer_may_lack:
             assert (req.offset, req.length) in marked_before
+
+
+# -- protocols A and B: the client is answered early, the log keeps the request ----------------
+from blockrep.peer.requests import QUEUED, RECEIVED  # noqa: E402
+
+
+@pytest.mark.parametrize("early", [QUEUED, RECEIVED])
+@pytest.mark.parametrize("then", [LINK_LOST, NEG_ACK])
+def test_early_answer_keeps_the_request_until_the_write_ack(early, then):
+    """A (queued) and B (received) complete the request for the client; a later negative
+    ack or link loss still marks its range before it can be forgotten."""
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 4096, 8192, r.cb, 1)
+    pid = tl.sent(req)
+    tl.mod(req, LOCAL_DONE)
+    assert 1 not in r.completed
+    req.t = 10.0
+    tl.mod(req, early)
+    assert r.completed[1] == (0, [])
+    assert pid in tl.pending  # still waiting for the peer's write
+    g = tl.gap(12.5)
+    assert g["bytes_not_on_peer_disk"] == 8192 and g["writes_not_on_peer_disk"] == 1
+    assert g["bytes_not_received"] == (8192 if early == QUEUED else 0)
+    assert g["oldest_s"] == 2.5
+    if then == NEG_ACK:
+        tl.acked(pid, NEG_ACK)
+    else:
+        tl.link_lost()
+    assert (4096, 8192) in r.marked  # completed once (Recorder asserts), marked after
+    assert tl.gap(13.0)["writes_not_on_peer_disk"] == 0
+
+
+def test_early_answer_then_write_ack_leaves_no_gap():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 0, 4096, r.cb, 1)
+    pid = tl.sent(req)
+    req.t = 1.0
+    tl.mod(req, QUEUED)
+    tl.mod(req, LOCAL_DONE)
+    assert r.completed[1] == (0, [])
+    tl.acked(pid, PEER_ACK)
+    assert not tl.pending and tl.gap(2.0)["bytes_not_on_peer_disk"] == 0
+    assert r.marked == []
+
+
+def test_protocol_c_request_has_no_gap_while_waiting():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 0, 4096, r.cb, 1)
+    tl.sent(req)
+    tl.mod(req, LOCAL_DONE)
+    assert tl.gap(1.0) == {"writes_not_on_peer_disk": 0, "bytes_not_on_peer_disk": 0,
+                           "writes_not_received": 0, "bytes_not_received": 0,
+                           "oldest_s": 0.0}
