@@ -31,6 +31,7 @@ RESOURCE_KEYS = {
     "handshake-timeout": (int, float),
     "busy-poll": (int, float), "csums-alg": str, "verify-alg": str,
     "compression": str,
+    "sndbuf-size": str, "congestion-fill": str, "on-congestion": str,
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
     "metrics": str,
 }
@@ -96,6 +97,9 @@ class ResourceConfig:
     compression_level: int = 0
     handshake_timeout: float = 5.0  # the whole link handshake, up to the peer's proof
     max_handshakes: int = 8  # inbound link connections not yet authenticated, at once
+    sndbuf_size: int = 0  # bytes the link may hold unsent; 0 = unbounded
+    congestion_fill: int = 0  # pull-ahead: go Ahead above this many unsent bytes
+    on_congestion: str = "block"  # block | pull-ahead
     tls: bool = False
     csums_alg: str = digest.DEFAULT  # block digest of checksum-mode resync (blockrep.digest)
     verify_alg: str = digest.DEFAULT  # block digest of online verify
@@ -331,6 +335,21 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
         cfg.run_dir = res["run-dir"]
     if "admin-group" in res:
         cfg.admin_group = res["admin-group"]
+    for key in ("sndbuf-size", "congestion-fill"):
+        if key in res:
+            try:
+                value = 0 if res[key] == "0" else parse_size(res[key])
+            except ValueError as exc:
+                raise ConfigError(f"{path}: resource.{key}: {exc}") from None
+            setattr(cfg, key.replace("-", "_"), value)
+    if "on-congestion" in res:
+        if res["on-congestion"] not in ("block", "pull-ahead"):
+            raise ConfigError(f"{path}: resource.on-congestion {res['on-congestion']!r}: "
+                              f"use \"block\" or \"pull-ahead\"")
+        cfg.on_congestion = res["on-congestion"]
+    if cfg.on_congestion == "pull-ahead" and not (cfg.congestion_fill or cfg.sndbuf_size):
+        raise ConfigError(f"{path}: resource.on-congestion = \"pull-ahead\" needs "
+                          f"congestion-fill (or sndbuf-size)")
     if "resync-rate" in res:
         try:
             cfg.resync_rate = parse_size(res["resync-rate"]) if res["resync-rate"] != "0" else 0

@@ -46,6 +46,8 @@ class ReplState(str, enum.Enum):
     SYNC_TARGET = "SyncTarget"
     VERIFY_SOURCE = "VerifyS"
     VERIFY_TARGET = "VerifyT"
+    AHEAD = "Ahead"    # Primary, send buffer congested (pull-ahead): writes stay local
+    BEHIND = "Behind"  # its peer: told which ranges went out of sync, resync follows
 
 
 def new_uuid() -> int:

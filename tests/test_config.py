@@ -610,3 +610,17 @@ def test_compression_errors():
         "resource.compression", "1..22")
     bad(with_(lambda r: r["resource"].__setitem__("compression", 1)),
         "resource.compression: wrong type")
+
+
+def test_congestion_options():
+    cfg = parse(with_(lambda r: r["resource"].update(
+        {"sndbuf-size": "2M", "congestion-fill": "1M", "on-congestion": "pull-ahead"})))
+    assert (cfg.sndbuf_size, cfg.congestion_fill, cfg.on_congestion) == (2 << 20, 1 << 20,
+                                                                        "pull-ahead")
+    assert parse(base()).on_congestion == "block" and parse(base()).sndbuf_size == 0
+    bad(with_(lambda r: r["resource"].update({"on-congestion": "drop"})),
+        "resource.on-congestion", "pull-ahead")
+    bad(with_(lambda r: r["resource"].update({"on-congestion": "pull-ahead"})),
+        "needs congestion-fill")
+    bad(with_(lambda r: r["resource"].update({"sndbuf-size": "lots"})),
+        "resource.sndbuf-size", "not a size")

@@ -51,6 +51,7 @@ class P(enum.IntEnum):
     BARRIER_ACK = 16
     BITMAP = 17
     RECV_ACK = 18  # protocol B: the packet `id` has been received (not yet written)
+    OUT_OF_SYNC = 19  # Ahead: offset+size was written on the Primary and not shipped
     RS_REQUEST = 20
     RS_DATA = 21
     RS_ACK = 22

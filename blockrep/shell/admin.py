@@ -447,6 +447,7 @@ def status(node) -> dict:
                  "disk": node.peer_disk.value},
         "out_of_sync_bytes": node.bitmap.count_bytes(),
         "data_gap": r.gap(),
+        "congestion": node.congestion.status(),
         "size_bytes": node.size,
         "decision": {"strategy": d.strategy.value, "rule": d.describe()} if d else None,
         "last_error": node.last_error,

@@ -40,6 +40,7 @@ def established(node, link, body: dict) -> None:
     node.set_connection(ConnState.CONNECTED)
     node.peer_role, node.peer_disk = peer_role, peer_disk
     node.applier.peer_protocol = str(body.get("protocol", "C"))
+    node.congestion.configure(link)
     node.last_error = ""
     d = st.decide(node.gen, peer_gen, my_bits=node.bitmap.count() > 0,
                   peer_bits=peer_bits > 0,

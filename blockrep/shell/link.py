@@ -94,6 +94,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._big_view: memoryview | None = None
         self._got = 0
         self._out: list = []
+        self._spare: list = []
         self._flush_scheduled = False
         self._paused = False
         self.bytes_sent = 0
@@ -112,11 +113,15 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and not self.closed:
-            for p in self._out:
+        out = self._out
+        if out and not self.closed:
+            for p in out:
                 self.bytes_sent += len(p)
-            self.transport.writelines(self._out)
-        self._out.clear()
+            # double buffered: what pause_writing (the congestion policy) queues from
+            # inside writelines lands in the other list and goes out next, not cleared
+            self._out, self._spare = self._spare, out
+            self.transport.writelines(out)
+        out.clear()
 
     def send_data(self, ptype: int, flags: int, pid: int, offset: int, data) -> None:
         """A P_DATA / P_RS_DATA packet, compressed when negotiated and it pays."""
@@ -196,6 +201,8 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def pause_writing(self):
         self._paused = True
+        if self.established:
+            self.node.congestion.paused(self)  # above sndbuf-size / congestion-fill
 
     def resume_writing(self):
         self._paused = False

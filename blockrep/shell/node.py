@@ -31,6 +31,7 @@ from ..state import ConnState, DiskState, ReplState, Role
 from . import connect
 from . import tls as tls_mod
 from .admin import AdminServer
+from .congestion import Congestion
 from .fencing import Fencer
 from .handlers import Handlers
 from .link import PeerLink, Rejections
@@ -90,6 +91,7 @@ class Node:
         self.replicator = Replicator(self)
         self.hooks = Handlers(self)  # [handlers] (shell/handlers.py)
         self.fencer = Fencer(self)
+        self.congestion = Congestion(self)
         self.resync_source: ResyncSource | None = None
         self.resync_target: ResyncTarget | None = None
         self.resync_task: asyncio.Task | None = None
@@ -112,6 +114,7 @@ class Node:
             P.WRITE_ACK: self.replicator.on_write_ack,
             P.NEG_ACK: self.replicator.on_neg_ack,
             P.RECV_ACK: self.replicator.on_recv_ack,
+            P.OUT_OF_SYNC: self.congestion.on_out_of_sync,
             P.BARRIER_ACK: self.replicator.on_barrier_ack,
             P.BITMAP: self._on_bitmap,
             P.RS_DATA: self._on_rs_data,
@@ -134,7 +137,8 @@ class Node:
     def replicating_link(self) -> PeerLink | None:
         """The link writes go to, or None (degraded: writes only set bitmap bits)."""
         link = self.link
-        if link is None or link.closed or self.repl == ReplState.OFF:
+        repl = self.repl  # Ahead (pull-ahead): the link is up, writes stay local
+        if link is None or link.closed or repl is ReplState.OFF or repl is ReplState.AHEAD:
             return None
         return link
 
@@ -287,6 +291,7 @@ class Node:
                 self.emit("connection-error", reason=ev.reason)
 
     def on_link_writable(self, link: PeerLink) -> None:
+        self.congestion.resumed(link)
         if self.resync_source is not None:
             self.resync_source.wake.set()
 
@@ -315,6 +320,7 @@ class Node:
             self.resync_task = None
         self.resync_target = None
         self.bitmap_exchange = None
+        self.congestion.release()
         self.replicator.drain_waiting()  # held-back writes now go local-only
         self.verifier.cancel("connection lost")
         self.replicator.link_lost()
@@ -485,6 +491,7 @@ class Node:
 
 
 _CONTROL_OPS = {
+    "ahead": lambda node, link, body: node.congestion.on_ahead(link, body),
     "state": Node._ctl_state,
     "sync-start": Node._ctl_sync_start,
     "sync-ready": Node._ctl_sync_ready,

@@ -34,7 +34,8 @@ from ..peer.proto import P
 from ..peer.requests import (COMPLETED, FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK, NO_PEER,
                              NOT_WRITTEN, PEER_ACK, PROTOCOLS, QUEUED, RECEIVED, WRITE, ZERO,
                              RangeSet, Req, TransferLog)
-
+from ..state import ReplState
+from .congestion import HOLD
 from .latency import ACK_SAMPLE_MASK, LatencyHistogram
 from .ratelog import RateLimitedLog
 
@@ -156,6 +157,8 @@ class Replicator:
         waiting = self.waiting
         while waiting:
             item = waiting[0]
+            if item is HOLD:  # the send buffer is full (on-congestion = block)
+                return
             req = item[0]
             if self._conflicts(req.offset, req.length):
                 return
@@ -215,6 +218,8 @@ class Replicator:
             if self.marked_since is None:
                 self.marked_since = self.node.loop.time()
             self._mod(req, NO_PEER)  # marked out of sync before it can complete
+            if self.node.repl is ReplState.AHEAD:  # the peer learns what it lacks
+                self.node.congestion.not_shipped(req.offset, req.length)
             return
         pid = self.log.sent(req)
         if not pid & ACK_SAMPLE_MASK:

@@ -1,8 +1,9 @@
-"""Protocols A, B and C end to end: switched on the running resource; kill -9 of the
-Secondary under each loses nothing the Primary keeps, marks everything the peer may lack and
+"""Protocols A, B and C end to end, and on-congestion = pull-ahead: switched on the running
+resource; kill -9 of the Secondary under each loses nothing the Primary keeps, marks everything the peer may lack and
 ends with identical disks after resync; under A a write is answered while the Secondary is
 frozen, and the Primary's status shows that data gap until the link loss turns it into
-out-of-sync bits."""
+out-of-sync bits; behind a bandwidth-capped proxy a burst sends the Primary Ahead and the
+pair comes back Established by itself with identical disks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import subprocess
 import time
 
 import pytest
-from support.helpers import SYSTEM_PY, require_tool
+from support.faulttools import route_through_proxy
+from support.helpers import SYSTEM_PY, require_tool, wait_for
+from support.nbd_testlib import MiB, RawClient
 from support.repltools import cmp_data, fio, fio_bytes_written, read_at
 
 from test_replication import require_libnbd, wait_quiet
@@ -101,3 +104,37 @@ def test_protocol_a_answers_while_the_secondary_is_frozen_and_marks_the_gap(clus
     resync_back(c)
     cmp_data(c, c.status("alpha")["size_bytes"])
     assert read_at(c.disk("beta"), (n - 1) * 65536, 65536) == bytes([0x40 + n - 1]) * 65536
+
+
+def test_pull_ahead_goes_ahead_in_a_burst_and_returns_established(cluster):
+    """on-congestion = pull-ahead behind a 24 Mbit/s proxy: a burst fills the send buffer,
+    the Primary goes Ahead (the peer Behind, told what went out of sync), and once the
+    buffer has drained the pair resyncs and is Established again with identical disks."""
+    require_tool("cmp")
+    c = cluster(size="64M", resource={"protocol": "A", "on-congestion": "pull-ahead",
+                                      "congestion-fill": "128K", "sndbuf-size": "256K"})
+    with route_through_proxy(c, seed=8, buffer_bytes=128 * 1024) as proxy:
+        c.up_pair()
+        proxy.shape(rate="24M")  # 3 MB/s
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            for i in range(16):  # a burst faster than the link
+                assert nbd.write(i * MiB, bytes([i + 1]) * MiB) == 0
+            a = c.wait_status("alpha", lambda s: s["congestion"]["times_ahead"] >= 1, 30,
+                              "went Ahead", fast=True)
+            nbd.disconnect()
+        # the announcement travels behind what was queued before it
+        wait_for(lambda: "-> Behind" in c.log("beta"), 30, what="beta Behind")
+        a = c.wait_status("alpha", lambda s: established(s) and s["out_of_sync_bytes"] == 0,
+                          90, "back to Established, nothing out of sync", fast=True)
+        c.wait_status("beta", lambda s: established(s) and s["disk"] == "UpToDate", 30,
+                      "beta UpToDate", fast=True)
+        proxy.shape(rate="0")
+        wait_quiet(c, same_processes=False)
+    assert a["last_sync"] and a["last_sync"]["role"] == "SyncSource", a
+    cmp_data(c, a["size_bytes"])
+    assert read_at(c.disk("beta"), 15 * MiB, MiB) == bytes([16]) * MiB
+
+
+def established(s) -> bool:
+    return s["connection"] == "Connected" and s["replication"] == "Established"
