@@ -624,3 +624,14 @@ def test_congestion_options():
         "needs congestion-fill")
     bad(with_(lambda r: r["resource"].update({"sndbuf-size": "lots"})),
         "resource.sndbuf-size", "not a size")
+
+
+def test_adjust_changes_the_protocol_live_and_refuses_a_rename():
+    from blockrep.shell.adjust import plan
+    old = parse(base(), "<c>")
+    changed, restart = plan(old, parse(with_(lambda r: r["resource"].update(
+        {"protocol": "A"})), "<c>"))
+    assert changed == {"protocol": ("C", "A")} and restart == []
+    _changed, restart = plan(old, parse(with_(lambda r: r["resource"].update(
+        {"name": "r1"})), "<c>"))
+    assert restart == ["resource.name"]

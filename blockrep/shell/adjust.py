@@ -25,9 +25,9 @@ TUNABLE = ("ping_interval", "timeout", "connect_interval", "barrier_interval",
            "resync_rate", "resync_window", "c_min_rate", "c_max_rate", "c_fill_target",
            "after_sb_0pri", "after_sb_1pri", "fencing", "handlers", "fence_peer_timeout",
            "handler_timeout", "handshake_timeout", "max_handshakes", "nbd_handshake_timeout",
-           "shared_secret")
+           "shared_secret", "protocol")
 # ... and those that need `blockrep down` + `blockrep up`
-RESTART = ("name", "protocol", "run_dir", "admin_group", "tls", "nbd_tls")
+RESTART = ("name", "run_dir", "admin_group", "tls", "nbd_tls")
 NODE_FIELDS = ("address", "disk", "nbd", "meta_disk", "export", "nbd_tls_cert",
                "nbd_tls_key", "nbd_tls_ca", "tls_cert", "tls_key", "tls_ca",
                "tls_fingerprint")
@@ -90,6 +90,8 @@ def adjust(node, path: str | None = None) -> dict:
     if node.nbd is not None:  # new NBD connections
         node.nbd.limits = replace(node.nbd.limits,
                                   handshake_timeout=cfg.nbd_handshake_timeout)
+    if "protocol" in changed:
+        node.set_protocol(cfg.protocol)  # from the next write on
     if "fencing" in changed and not node.fencer.enabled:
         node.fencer.resume()  # turned off: nothing is held any more
     lines = [f"{_key(a)}: {_show(a, o)} -> {_show(a, v)}" for a, (o, v) in changed.items()]

@@ -45,6 +45,9 @@ from .verify import Verifier
 log = logging.getLogger("blockrep.node")
 
 
+_LOCAL_ONLY = (ReplState.OFF, ReplState.AHEAD)  # nothing is shipped to the peer
+
+
 class Node:
     def __init__(self, cfg: ResourceConfig, name: str, *, store=None):
         self.cfg = cfg
@@ -80,9 +83,9 @@ class Node:
         self.handshaking: set[PeerLink] = set()
         self.dials = self.name < self.peer_cfg.name  # one side dials, so links never cross
         self.link_params = HandshakeParams(
-            resource=cfg.name, me=self.name, peer=self.peer_cfg.name,
-            secret=cfg.shared_secret.encode(), size=self.size, tls=cfg.tls,
-            timeout=cfg.handshake_timeout, csums_alg=cfg.csums_alg, verify_alg=cfg.verify_alg,
+            resource=cfg.name, me=self.name, peer=self.peer_cfg.name, tls=cfg.tls,
+            secret=cfg.shared_secret.encode(), size=self.size, timeout=cfg.handshake_timeout,
+            csums_alg=cfg.csums_alg, verify_alg=cfg.verify_alg,
             features=compress.features(cfg.compression))
         self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
         self.rejections = Rejections()
@@ -129,18 +132,14 @@ class Node:
             P.OV_REPLY: self.verifier.on_reply,
         }
 
-    # -- properties ---------------------------------------------------------------------------
     @property
     def is_primary(self) -> bool:
         return self.role == Role.PRIMARY
 
     def replicating_link(self) -> PeerLink | None:
-        """The link writes go to, or None (degraded: writes only set bitmap bits)."""
+        """The link writes go to, or None (degraded, or Ahead: writes only set bitmap bits)."""
         link = self.link
-        repl = self.repl  # Ahead (pull-ahead): the link is up, writes stay local
-        if link is None or link.closed or repl is ReplState.OFF or repl is ReplState.AHEAD:
-            return None
-        return link
+        return None if link is None or link.closed or self.repl in _LOCAL_ONLY else link
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -426,8 +425,7 @@ class Node:
     def note_local_write(self, offset: int, length: int) -> None:
         """Before a local write as Primary: the activity log must cover its extents."""
         if self.store is not None:
-            r = self.replicator
-            tl = r.log
+            r, tl = self.replicator, self.replicator.log
             oldest = tl.oldest_unacked_epoch(self.replicating_link() is not None)
             self.store.activity(offset, length, tl.epoch, oldest, r.local_busy)
 
