@@ -91,11 +91,13 @@ class LoopbackPair:
                  ports: dict | None = None, addresses: dict | None = None,
                  resource: dict | None = None, per_node: dict | None = None,
                  shared_config: bool = False, python: str = sys.executable,
+                 root: str = ROOT,
                  comment: str = "", node_keys: dict | None = None):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
         self.python = python
+        self.root = root  # the checkout whose blockrep `python -m blockrep` runs (its cwd)
         self.procs: dict[str, subprocess.Popen] = {}
         self.disks = disks or {n: os.path.join(self.dir, f"{n}.img") for n in NODES}
         self.ports = ports or {n: (free_port(), free_port()) for n in NODES}  # (link, nbd)
@@ -155,7 +157,7 @@ class LoopbackPair:
     def cli(self, node: str, cmd: str, *args: str, timeout: float = 60) \
             -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(node, cmd, *args), capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+                              timeout=timeout, cwd=self.root, stdin=subprocess.DEVNULL)
 
     def create_md(self) -> None:
         for n in NODES:
@@ -172,7 +174,7 @@ class LoopbackPair:
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         with open(log or self.log_path(node), "a") as f:
-            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=self.root,
                                  start_new_session=new_session)
         self.procs[node] = p
         if wait:

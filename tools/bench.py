@@ -36,6 +36,13 @@ WORKLOADS = {
 }
 
 
+def checkout_of(py: str) -> str:
+    """The blockrep checkout a Python runs: this one, or the one whose .venv it is."""
+    if os.path.abspath(py) == os.path.abspath(PY):
+        return ROOT
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(py))))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,10 +101,17 @@ class Target:
         return {"server": self.proc.pid} if self.proc else {}
 
     def start(self, log_dir: str) -> None:
-        log = open(os.path.join(log_dir, f"{self.name}.log"), "w")
+        path = os.path.join(log_dir, f"{self.name}.log")
+        log = open(path, "w")
+        # cwd: `python -m blockrep` imports the blockrep of its working directory first, so
+        # a NAME@base target must run in the baseline checkout, not in this one
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        wait_port(self.port, self.proc)
+                                     start_new_session=True, cwd=checkout_of(self.py))
+        try:
+            wait_port(self.port, self.proc)
+        except RuntimeError as exc:
+            with open(path) as f:
+                raise RuntimeError(f"{self.name}: {exc}: {f.read()[-1500:]}") from None
 
     def stop(self) -> None:
         if self.proc:
@@ -126,7 +140,7 @@ class ReplicatedTarget(Target):
         tag = name.replace("@", "-")
         self.secondary = os.path.join(tmp, f"{tag}-secondary.img")
         self.pair = LoopbackPair(os.path.join(tmp, f"pair-{tag}"), name="bench",
-                                 secret="bench", python=py,
+                                 secret="bench", python=py, root=checkout_of(py),
                                  disks={"alpha": disk, "beta": self.secondary})
         super().__init__(name, [], self.pair.nbd_port("alpha"), py=py)
         self.cfg = self.pair.configs["alpha"]
