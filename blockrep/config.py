@@ -27,6 +27,7 @@ RESOURCE_KEYS = {
     "barrier-interval": (int, float), "resync-rate": str, "resync-window": int,
     "c-min-rate": str, "c-max-rate": str, "c-fill-target": str,
     "after-sb-0pri": str, "after-sb-1pri": str, "admin-group": str, "fencing": str,
+    "on-io-error": str,
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
     "busy-poll": (int, float), "csums-alg": str, "verify-alg": str,
@@ -43,6 +44,7 @@ NBD_TLS_MODES = ("off", "on", "require")
 TLS_FILES = ("tls-cert", "tls-key", "tls-ca")
 MAX_NAME = 63  # resource and node names are stored in 64-byte metadata fields
 FENCING = ("dont-care", "resource-only", "resource-and-stonith")
+ON_IO_ERROR = ("detach", "pass-on")
 HANDLER_KEYS = {"fence-peer": str, "unfence-peer": str, "split-brain": str,
                 "initial-split-brain": str, "before-resync-target": str,
                 "after-resync-target": str, "out-of-sync": str,
@@ -104,6 +106,7 @@ class ResourceConfig:
     csums_alg: str = digest.DEFAULT  # block digest of checksum-mode resync (blockrep.digest)
     verify_alg: str = digest.DEFAULT  # block digest of online verify
     fencing: str = "dont-care"
+    on_io_error: str = "detach"  # detach | pass-on (docs/operations.md "Disk failures")
     handlers: dict = field(default_factory=dict)  # [handlers]: name -> shell command
     fence_peer_timeout: float = 60.0
     handler_timeout: float = 60.0  # every other handler is killed after this long
@@ -406,6 +409,11 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             raise ConfigError(f"{path}: resource.fencing {res['fencing']!r}: one of "
                               f"{', '.join(FENCING)}")
         cfg.fencing = res["fencing"]
+    if "on-io-error" in res:
+        if res["on-io-error"] not in ON_IO_ERROR:
+            raise ConfigError(f"{path}: resource.on-io-error {res['on-io-error']!r}: one of "
+                              f"{', '.join(ON_IO_ERROR)}")
+        cfg.on_io_error = res["on-io-error"]
     handlers = raw.get("handlers", {})
     if not isinstance(handlers, dict):
         raise ConfigError(f"{path}: [handlers] must be a table")

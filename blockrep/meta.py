@@ -330,6 +330,8 @@ class MetaStore:
         if self.read_only:
             return
         stored = disk_state if disk_state != DiskState.DUNKNOWN else self.sb.disk_state
+        if stored == DiskState.DISKLESS:  # detached: the disk is remembered as Failed
+            stored = DiskState.FAILED
         flags = (self.sb.flags & ~F_PRIMARY) | (F_PRIMARY if was_primary else 0)
         key = (stored, flags, self.gen.current, self.gen.bitmap, tuple(self.gen.history))
         if key == self._last_saved:

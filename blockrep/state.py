@@ -31,6 +31,11 @@ class DiskState(str, enum.Enum):
     OUTDATED = "Outdated"
     DUNKNOWN = "DUnknown"
     FAILED = "Failed"
+    DISKLESS = "Diskless"
+
+
+# no local disk to read or write: detached after an I/O error (on-io-error = detach)
+NO_DISK = frozenset({DiskState.FAILED, DiskState.DISKLESS})
 
 
 class ConnState(str, enum.Enum):
@@ -351,8 +356,11 @@ def check_promote(f: Facts, *, force: bool = False) -> Verdict:
     if f.linked and f.peer_role == Role.PRIMARY:
         return Verdict(Rv.PEER_PRIMARY,
                        "the peer is Primary (single-primary mode); demote it first")
-    if f.disk == DiskState.FAILED:
-        return Verdict(Rv.DISK_FAILED, "the local disk has failed")
+    if f.disk in NO_DISK:
+        # never, not even forced: the data on a detached disk is older than what clients
+        # were told is written (everything after the I/O error went to the peer only)
+        return Verdict(Rv.DISK_FAILED, f"the local disk has failed ({f.disk.value}: "
+                       f"detached after an I/O error); replace it and 'blockrep attach' it first")
     if f.disk != DiskState.UP_TO_DATE and not force:
         return Verdict(Rv.NO_UP_TO_DATE_DISK, f"the local disk is {f.disk.value}, not "
                        f"UpToDate (use --force to override)")
@@ -399,6 +407,9 @@ def check_verify(f: Facts) -> Verdict:
 def check_resync(f: Facts) -> Verdict:
     if f.out_of_sync_bytes == 0:
         return Verdict(Rv.NOTHING_TO_DO, "nothing out of sync")
+    if f.disk in NO_DISK or f.peer_disk in NO_DISK:
+        return Verdict(Rv.DISK_FAILED, f"disks are {f.disk.value}/{f.peer_disk.value}: a "
+                       f"detached disk takes no resync ('blockrep attach' it first)")
     if not f.linked:
         return Verdict(Rv.NOT_CONNECTED, "not connected to the peer")
     if f.repl != ReplState.ESTABLISHED:

@@ -635,3 +635,11 @@ def test_adjust_changes_the_protocol_live_and_refuses_a_rename():
     _changed, restart = plan(old, parse(with_(lambda r: r["resource"].update(
         {"name": "r1"})), "<c>"))
     assert restart == ["resource.name"]
+# -- on-io-error -------------------------------------------------------------------------------
+
+def test_on_io_error_defaults_to_detach_and_takes_pass_on():
+    assert parse(base(), "<c>").on_io_error == "detach"
+    cfg = parse(with_(lambda r: r["resource"].__setitem__("on-io-error", "pass-on")), "<c>")
+    assert cfg.on_io_error == "pass-on"
+    bad(with_(lambda r: r["resource"].__setitem__("on-io-error", "panic")),
+        "resource.on-io-error", "detach", "pass-on")

@@ -451,6 +451,7 @@ def status(node) -> dict:
         "size_bytes": node.size,
         "decision": {"strategy": d.strategy.value, "rule": d.describe()} if d else None,
         "last_error": node.last_error,
+        "disk_failure": node.diskfail.status(),  # why the disk was detached, or ""
         "link_rejections": node.rejections.as_dict(),
         "generation": {"current": f"{node.gen.current:016X}",
                        "bitmap": f"{node.gen.bitmap:016X}",
@@ -520,6 +521,8 @@ def format_status(s: dict) -> str:
                      f"{human(g['bytes_not_received'])} not on peer disk:"
                      f"{human(g['bytes_not_on_peer_disk'])} out-of-sync:"
                      f"{human(g['out_of_sync_bytes'])} oldest:{g['oldest_s']}s")
+    if s.get("disk_failure"):
+        lines.append(f"    disk detached: {s['disk_failure']}")
     if s.get("last_error"):
         lines.append(f"    last error: {s['last_error']}")
     c = s["counters"]

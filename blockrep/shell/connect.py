@@ -41,6 +41,16 @@ def established(node, link, body: dict) -> None:
     node.peer_role, node.peer_disk = peer_role, peer_disk
     node.applier.peer_protocol = str(body.get("protocol", "C"))
     node.congestion.configure(link)
+    if node.disk_state in st.NO_DISK or peer_disk in st.NO_DISK:
+        # a detached disk takes part in no resync and decides nothing: the link carries
+        # state only; a Primary marks every write out of sync (replicating_link is None)
+        log.info("connected to %s (%s, %s); disks %s/%s: no resync while detached",
+                 node.peer_cfg.name, peer_role.value, peer_disk.value,
+                 node.disk_state.value, peer_disk.value)
+        node.emit("connected", peer=node.peer_cfg.name, decision="none", rule="diskless")
+        node.set_replication(ReplState.ESTABLISHED)
+        node.send_state()
+        return
     node.last_error = ""
     d = st.decide(node.gen, peer_gen, my_bits=node.bitmap.count() > 0,
                   peer_bits=peer_bits > 0,

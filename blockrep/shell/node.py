@@ -38,6 +38,7 @@ from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
 from .bitmap_io import BitmapExchange, BitmapWriter
+from .diskfail import DiskFailure
 from .replication import Applier, Replicator
 from .resync import ResyncSource, ResyncTarget
 from .verify import Verifier
@@ -90,6 +91,7 @@ class Node:
         self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
         self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
+        self.diskfail = DiskFailure(self)  # on-io-error
         self.applier = Applier(self)
         self.replicator = Replicator(self)
         self.hooks = Handlers(self)  # [handlers] (shell/handlers.py)
@@ -139,7 +141,8 @@ class Node:
     def replicating_link(self) -> PeerLink | None:
         """The link writes go to, or None (degraded, or Ahead: writes only set bitmap bits)."""
         link = self.link
-        return None if link is None or link.closed or self.repl in _LOCAL_ONLY else link
+        return None if (link is None or link.closed or self.repl in _LOCAL_ONLY
+                        or self.peer_disk in st.NO_DISK) else link  # detached peer: degraded
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -388,9 +391,11 @@ class Node:
         handler(self, link, body)
 
     def _ctl_state(self, link, body):
+        old = self.peer_disk
         self.peer_role, self.peer_disk = messages.state_update(body)
         self.applier.peer_protocol = str(body.get("protocol", self.applier.peer_protocol))
         self.emit("peer-state", role=self.peer_role.value, disk=self.peer_disk.value)
+        self.diskfail.peer_disk_changed(old)
 
     def _ctl_sync_start(self, link, body):
         if self.resync_target is None:
@@ -439,15 +444,15 @@ class Node:
     def set_replication(self, new: ReplState) -> None:
         self._set("repl", "replication", new)
 
-    def set_disk(self, new: DiskState) -> None:
-        self._set("disk_state", "disk", new)
+    def set_disk(self, new: DiskState, **why) -> None:
+        self._set("disk_state", "disk", new, **why)
 
-    def _set(self, attr: str, what: str, new) -> None:
+    def _set(self, attr: str, what: str, new, **why) -> None:
         old = getattr(self, attr)
         if new != old:
             setattr(self, attr, new)
-            log.info("%s: %s -> %s", what, old.value, new.value)
-            self.emit(what, **{what: new.value, "old": old.value})
+            log.info("%s: %s -> %s", what, old.value, new.value)  # diskfail logs why
+            self.emit(what, **{what: new.value, "old": old.value}, **why)
 
     def send_state(self) -> None:
         link = self.link

@@ -459,6 +459,14 @@ class Applier:
 
     def _run(self, link, ptype, pid, flags, offset, size, payload):
         disk = self.disk
+        if not self.node.diskfail.attached and ptype != self._CALL:
+            # detached (on-io-error = detach): nothing reaches the failed disk; the primary
+            # knows (state Diskless) and marks every write out of sync
+            if ptype == _P_BARRIER:
+                self._ack(link, P.BARRIER_ACK, pid)
+            else:
+                self._ack(link, P.NEG_ACK, pid, offset, _EIO)
+            return
         if ptype == _P_DATA:
             if size >= ASYNC_LOCAL:
                 if link.owns(payload):
@@ -506,12 +514,14 @@ class Applier:
             iolog.error("apply I/O error", "applying write at %d+%d failed: %s", offset, size,
                         exc)
             self._ack(link, P.NEG_ACK, pid, offset, _errno(exc))
+            # detach: the disk goes Diskless and the primary is told, after this NEG_ACK
+            self.node.diskfail.io_error("applying a write", offset, size, exc)
         else:
             self.writes_applied += 1
             self.bytes_applied += size
             if flags & _F_FUA:
-                self.node.run_io(self.disk.flush, lambda e: self._ack(
-                    link, _P_WRITE_ACK if e is None else P.NEG_ACK, pid, offset, 0))
+                self.node.run_io(self.disk.flush, lambda e: self._fua_done(link, pid, offset,
+                                                                           size, e))
             else:
                 self._ack(link, _P_WRITE_ACK, pid)
         if key is not None:
@@ -522,7 +532,19 @@ class Applier:
             # promoted meanwhile (or verifying): local work may have waited for this write
             self.node.replicator.after_landed()
 
+    def _fua_done(self, link, pid, offset, size, exc):
+        if exc is None:
+            self._ack(link, _P_WRITE_ACK, pid)
+            return
+        self._ack(link, P.NEG_ACK, pid, offset, _errno(exc))
+        self.node.diskfail.io_error("flush (FUA write)", offset, size, exc)
+
     def _barrier_done(self, link, epoch, exc):
+        if exc is not None and self.node.diskfail.io_error("flush (barrier)", 0, 0, exc):
+            # detached: the state Diskless went out before this ack, so the primary has
+            # marked every write of the epoch out of sync already
+            self._ack(link, P.BARRIER_ACK, epoch)
+            return
         if exc is not None:
             log.error("flush for barrier %d failed: %s", epoch, exc)
             link.abort(f"flush failed: {exc}")

@@ -1,8 +1,8 @@
 """The faulty-disk harness (blockrep/faults/disk.py) under blockrep: nbdkit's error filter
 behind nbdfuse as a node's disk, faults switched on and off at run time, and ENOSPC from a
-sparse file on a tiny tmpfs. These tests show the harness working and pin down what blockrep
-does with disk errors today (issue 8: `on-io-error` is not implemented yet, so a failing disk
-is never Failed; what the nodes report is printed)."""
+sparse file on a tiny tmpfs. These tests show the harness working and what blockrep does with
+disk errors under on-io-error = pass-on (detach, the default: test_disk_detach.py); what the
+nodes report is printed."""
 
 from __future__ import annotations
 
@@ -90,11 +90,12 @@ def test_serve_on_failing_disk_returns_eio_to_the_client(tmp_path):
 
 def test_secondary_disk_eio_today_marks_out_of_sync_and_resync_repairs(cluster, tmp_path):
     """EIO on the Secondary's disk: the Secondary answers NEG_ACK, the Primary marks the
-    blocks out of sync and the client sees no error. Today the Secondary stays UpToDate
-    (issue 8 item 2 will make it Failed/Diskless); after the disk heals a `resync` copies the
-    marked blocks and both disks are identical."""
+    blocks out of sync and the client sees no error. With on-io-error = pass-on the
+    Secondary stays attached (UpToDate; the default, detach, is tested in
+    test_disk_detach.py); after the disk heals a `resync` copies the marked blocks and both
+    disks are identical."""
     require_tool(*TOOLS, "cmp")
-    c = cluster(size="64M")
+    c = cluster(size="64M", resource={"on-io-error": "pass-on"})
     disk = faulty_disk_for(c, "beta")
     try:
         c.up_pair()

@@ -1,0 +1,86 @@
+"""What a node does when its disk fails: the `on-io-error` policy (DRBD's detach | pass-on).
+
+Owns: the decision, for each local I/O error, between detaching the disk (`detach`, the
+default: the disk goes Failed -> Diskless at once, the reason is logged, kept for status and
+sent in the events; the peer is told) and passing the error on (`pass-on`: the caller
+answers the error as before and the disk stays attached); the Primary's side of a peer that
+detached (everything from then on is out of sync: the transfer log is marked as on link
+loss, writes stop going to the peer, a new data generation begins).
+Must not: do the failing I/O itself or answer requests (the write and apply paths do).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..state import NO_DISK, DiskState
+
+log = logging.getLogger("blockrep.disk")
+
+
+class DiskFailure:
+    def __init__(self, node):
+        self.node = node
+        self.reason = ""          # why the disk was detached ("" while attached)
+        self.errors_seen = 0      # local I/O errors since start
+        self.detached_at: float | None = None  # loop time of the detach
+
+    @property
+    def policy(self) -> str:
+        return self.node.cfg.on_io_error
+
+    @property
+    def attached(self) -> bool:
+        return self.node.disk_state not in NO_DISK
+
+    def io_error(self, what: str, offset: int, length: int, exc) -> bool:
+        """A local I/O error; True if the disk is (now) detached, so the caller must not
+        use it again; False under pass-on (the caller passes the error on)."""
+        self.errors_seen += 1
+        if not self.attached:
+            return True
+        if self.policy != "detach":
+            return False
+        err = getattr(exc, "errno", None) or 5
+        self.detach(f"I/O error on {what} at {offset}+{length} (errno {err}): {exc}")
+        return True
+
+    def detach(self, reason: str) -> None:
+        node = self.node
+        self.reason = reason
+        self.detached_at = node.loop.time()
+        log.error("disk %s failed: %s; detaching it (on-io-error = detach)",
+                  node.me.disk, reason)
+        node.last_error = f"disk detached: {reason}"
+        node.set_disk(DiskState.FAILED, reason=reason)
+        node.set_disk(DiskState.DISKLESS, reason=reason)
+        try:
+            node.persist()  # remembered as Failed where the metadata still can be written
+        except OSError as exc:
+            log.error("recording the failed disk in the metadata failed: %s", exc)
+        node.send_state()  # the peer marks everything from now on out of sync
+
+    def peer_disk_changed(self, old: DiskState) -> None:
+        if old not in NO_DISK and self.node.peer_disk in NO_DISK:
+            self.peer_detached()
+
+    def peer_detached(self) -> None:
+        """CONTROL state from the peer says its disk is gone: nothing it acknowledged but
+        has not made durable (the transfer log) nor anything written from now on is on
+        its disk; as the Primary, this node holds the only copy."""
+        node = self.node
+        if not node.is_primary:
+            return
+        node.replicator.link_lost()  # marks the transfer log, completes what waited
+        node.gen.start_new_data()  # writes from now on are new data the peer lacks
+        try:
+            if node.store is not None:
+                node.store.flush_bitmap()
+            node.persist()
+        except OSError as exc:
+            log.error("metadata write after the peer detached failed: %s", exc)
+        log.warning("peer %s detached its disk: this node holds the only copy; everything "
+                    "written from now on is marked out of sync", node.peer_cfg.name)
+
+    def status(self) -> str:
+        return self.reason

@@ -1,0 +1,79 @@
+"""on-io-error = detach (the default) with a real failing disk (issue 8 item 2): nbdkit's
+error filter behind nbdfuse as the Secondary's disk, errors switched on mid-run while a
+client writes through the Primary. The client sees no error, the Secondary detaches
+(Failed -> Diskless, the reason in its status), the Primary reports the peer disk Diskless
+and keeps every acknowledged write (and marks it out of sync), and after the Primary is
+killed the detached Secondary refuses promotion, forced or not. Figures are printed."""
+
+from __future__ import annotations
+
+import time
+
+from support.faulttools import faulty_disk_for
+from support.helpers import require_tool
+from support.nbd_testlib import RawClient
+from support.repltools import MiB, read_at
+
+from blockrep.faults.disk import TOOLS
+
+CHUNK = 64 * 1024
+
+
+def _data(i: int) -> bytes:
+    return bytes([i % 251 + 1]) * CHUNK
+
+
+def test_secondary_eio_detaches_and_the_primary_keeps_every_acknowledged_write(cluster):
+    require_tool(*TOOLS)
+    c = cluster(size="64M")
+    disk = faulty_disk_for(c, "beta")
+    try:
+        c.up_pair()
+        acked, errors = [], 0
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            for i in range(64):  # before the fault
+                err = nbd.write(i * CHUNK, _data(i))
+                errors += err != 0
+                acked += [i] if err == 0 else []
+            disk.inject("pwrite")
+            t0 = time.monotonic()
+            detached_after = None
+            i = 64
+            while i < 512:
+                err = nbd.write(i * CHUNK, _data(i))
+                errors += err != 0
+                acked += [i] if err == 0 else []
+                i += 1
+                if detached_after is None and \
+                        c.admin("beta")["disk"] == "Diskless":
+                    detached_after = time.monotonic() - t0
+                    first_diskless = i
+            assert detached_after is not None, c.log("beta")[-3000:]
+            a = c.wait_status("alpha", lambda s: s["peer"]["disk"] == "Diskless", 10,
+                              "alpha sees the peer Diskless", fast=True)
+            b = c.admin("beta")
+            degraded = (512 - first_diskless) * CHUNK
+            print(f"\non-io-error=detach, EIO on the Secondary: client errors {errors} of "
+                  f"512 writes; time from first fault to Diskless "
+                  f"{detached_after * 1000:.0f} ms (polled per write); {degraded} bytes "
+                  f"written while the Secondary was Diskless; primary out of sync "
+                  f"{a['out_of_sync_bytes']} bytes; secondary disk {b['disk']}: "
+                  f"{b['disk_failure']!r}")
+            assert errors == 0
+            assert b["disk"] == "Diskless" and "I/O error" in b["disk_failure"]
+            assert a["disk"] == "UpToDate" and a["out_of_sync_bytes"] >= degraded
+            nbd.disconnect()
+        c.kill("alpha")
+        # the survivor with the data is alpha: every acknowledged write is on its disk
+        for i in acked:
+            assert read_at(c.disk("alpha"), i * CHUNK, CHUNK) == _data(i), f"chunk {i} lost"
+        c.wait_status("beta", lambda s: s["connection"] != "Connected", 20, "beta lost alpha",
+                      fast=True)
+        for args in ((), ("--force",)):
+            res = c.cli("beta", "primary", *args, check=False)
+            assert res.returncode != 0 and "Diskless" in res.stderr + res.stdout, res
+        assert c.admin("beta")["role"] == "Secondary"
+    finally:
+        c.stop_all()
+        disk.stop()
