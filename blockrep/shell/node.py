@@ -28,7 +28,7 @@ from ..peer import compress, messages, proto
 from ..peer.handshake import HandshakeParams, Refused
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role
-from . import connect
+from . import connect, diskfail
 from . import tls as tls_mod
 from .admin import AdminServer
 from .congestion import Congestion
@@ -38,7 +38,6 @@ from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
 from .bitmap_io import BitmapExchange, BitmapWriter
-from .diskfail import DiskFailure
 from .replication import Applier, Replicator
 from .resync import ResyncSource, ResyncTarget
 from .verify import Verifier
@@ -91,7 +90,7 @@ class Node:
         self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
         self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
-        self.diskfail = DiskFailure(self)  # on-io-error
+        self.diskfail = diskfail.DiskFailure(self)  # on-io-error
         self.applier = Applier(self)
         self.replicator = Replicator(self)
         self.hooks = Handlers(self)  # [handlers] (shell/handlers.py)
