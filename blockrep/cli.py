@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolve a split brain: this node's changes are overwritten")
     res_cmd("disconnect", "drop the peer connection and stay StandAlone",
             _simple("disconnect"))
+    res_cmd("attach", "bring back a detached disk (repaired or replaced at the configured "
+            "path): full sync from the peer", _simple("attach"))
     c = res_cmd("protocol", "switch the running resource's replication protocol",
                 _simple("protocol", protocol=None))
     c.add_argument("protocol", choices=("A", "B", "C"),

@@ -422,6 +422,16 @@ def may_promote(node) -> bool:
 
 # -- status -------------------------------------------------------------------------------------
 
+def cmd_attach(node) -> str:
+    done = _check("attach", node.diskfail.check_attach())
+    if done:
+        return done
+    try:
+        return node.diskfail.attach()
+    except (OSError, ValueError) as exc:
+        raise CommandRefused("attach", Verdict(Rv.DISK_FAILED, f"cannot open the disk: {exc}"))
+
+
 def status(node) -> dict:
     now = node.loop.time()
     sync = None
@@ -550,4 +560,5 @@ COMMANDS = {
     "resync": cmd_resync,
     "adjust": cmd_adjust,
     "resume-io": cmd_resume_io,
+    "attach": cmd_attach,
 }

@@ -6,14 +6,20 @@ sent in the events; the peer is told) and passing the error on (`pass-on`: the c
 answers the error as before and the disk stays attached); the Primary's side of a peer that
 detached (everything from then on is out of sync: the transfer log is marked as on link
 loss, writes stop going to the peer, a new data generation begins).
+`attach`: a detached disk (repaired or replaced at the configured path) comes back and
+takes a full resync from the peer.
 Must not: do the failing I/O itself or answer requests (the write and apply paths do).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 
-from ..state import NO_DISK, DiskState
+from ..disk import Disk
+from ..peer.proto import P
+from ..state import NO_DISK, DiskState, Rv, Verdict
 
 log = logging.getLogger("blockrep.disk")
 
@@ -81,6 +87,59 @@ class DiskFailure:
             log.error("metadata write after the peer detached failed: %s", exc)
         log.warning("peer %s detached its disk: this node holds the only copy; everything "
                     "written from now on is marked out of sync", node.peer_cfg.name)
+
+    def check_attach(self) -> Verdict:
+        node = self.node
+        if self.attached:
+            return Verdict(Rv.NOTHING_TO_DO, f"the disk is attached ({node.disk_state.value})")
+        if node.is_primary:
+            return Verdict(Rv.IS_PRIMARY, "this node is Primary")
+        return Verdict(Rv.SUCCESS)
+
+    def attach(self) -> str:
+        """Reopen the configured disk in place of the failed one (the same descriptor
+        number, so every holder of the Disk sees the new one), mark all of it out of sync
+        and renegotiate: the peer, UpToDate, becomes the source of a full sync. Raises
+        OSError / ValueError (the disk stays detached) if the disk cannot be opened or is
+        too small."""
+        node = self.node
+        disk = node.disk
+        need = node.size
+        store = node.store
+        if store is not None and store.fd == disk.fd:  # internal metadata: after the data
+            need = max(need, store.md_offset + store.sb.md_size)
+        fcntl.flock(disk.fd, fcntl.LOCK_UN)  # the new open takes the lock
+        try:
+            fresh = Disk(disk.path)
+            try:
+                if fresh.size < need:
+                    raise ValueError(f"{disk.path}: {fresh.size} bytes, needs {need}")
+                os.dup2(fresh.fd, disk.fd)  # closes the failed one; the lock goes along
+            finally:
+                fresh.close()
+        except (OSError, ValueError):
+            try:
+                fcntl.flock(disk.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
+            raise
+        log.warning("disk %s attached (was detached: %s); a full sync from the peer follows",
+                    disk.path, self.reason)
+        self.reason = ""
+        self.detached_at = None
+        node.gen.current = 0  # nothing on it is trusted: the peer's current wins, full sync
+        node.gen.bitmap = 0
+        node.bitmap.set_all()
+        node.last_error = ""
+        node.set_disk(DiskState.INCONSISTENT, reason="attached")
+        node.persist()  # a fresh superblock on a replaced disk
+        if store is not None:
+            store.flush_bitmap()
+        link = node.link
+        if link is not None and not link.closed:
+            link.send_control(P.CONTROL, {"op": "renegotiate"})
+            link.close("renegotiating after attach")
+        return node.disk_state.value
 
     def status(self) -> str:
         return self.reason

@@ -3,18 +3,21 @@ error filter behind nbdfuse as the Secondary's disk, errors switched on mid-run 
 client writes through the Primary. The client sees no error, the Secondary detaches
 (Failed -> Diskless, the reason in its status), the Primary reports the peer disk Diskless
 and keeps every acknowledged write (and marks it out of sync), and after the Primary is
-killed the detached Secondary refuses promotion, forced or not. Figures are printed."""
+killed the detached Secondary refuses promotion, forced or not. The same with ENOSPC from a sparse file on a tiny tmpfs.
+Figures are printed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
-from support.faulttools import faulty_disk_for
+from support.faulttools import faulty_disk_for, set_node_value
 from support.helpers import require_tool
 from support.nbd_testlib import RawClient
 from support.repltools import MiB, read_at
 
-from blockrep.faults.disk import TOOLS
+from blockrep.faults.disk import TOOLS, TinyTmpfs
 
 CHUNK = 64 * 1024
 
@@ -77,3 +80,46 @@ def test_secondary_eio_detaches_and_the_primary_keeps_every_acknowledged_write(c
     finally:
         c.stop_all()
         disk.stop()
+
+
+def test_secondary_enospc_detaches_and_is_never_promoted(cluster):
+    """The Secondary's disk is a sparse file on a tiny tmpfs: it runs full (ENOSPC) while
+    the client writes through the Primary. Issue 8 saw 1,731 of 2,048 acknowledged blocks
+    missing on a Secondary that stayed "UpToDate"; now it detaches and is never promoted."""
+    require_tool("cp", "mount", "umount")
+    c = cluster(size="64M")
+    tiny = TinyTmpfs(c.dir, size=64 * MiB, capacity=3 * MiB, name="beta-tiny.img")
+    tiny.start()
+    try:
+        subprocess.run(["cp", "--sparse=always", c.disk("beta"), tiny.path], check=True,
+                       timeout=60)
+        set_node_value(c, "beta", "beta", "disk", tiny.path)
+        c.up_pair()
+        errors, acked = 0, []
+        n = 8 * MiB // CHUNK
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            for i in range(n):
+                err = nbd.write(i * CHUNK, _data(i))
+                errors += err != 0
+                acked += [i] if err == 0 else []
+            b = c.wait_status("beta", lambda s: s["disk"] == "Diskless", 10,
+                              "beta detached on ENOSPC", fast=True)
+            a = c.wait_status("alpha", lambda s: s["peer"]["disk"] == "Diskless", 10,
+                              "alpha sees the peer Diskless", fast=True)
+            print(f"\non-io-error=detach, ENOSPC on the Secondary (3 MiB tmpfs): client "
+                  f"errors {errors} of {n} writes; primary out of sync "
+                  f"{a['out_of_sync_bytes']} bytes; secondary: {b['disk_failure']!r}")
+            assert errors == 0 and "errno 28" in b["disk_failure"]
+            nbd.disconnect()
+        c.kill("alpha")
+        for i in acked:
+            assert read_at(c.disk("alpha"), i * CHUNK, CHUNK) == _data(i), f"chunk {i} lost"
+        c.wait_status("beta", lambda s: s["connection"] != "Connected", 20, "beta lost alpha",
+                      fast=True)
+        res = c.cli("beta", "primary", check=False)
+        assert res.returncode != 0 and "Diskless" in res.stderr, res
+    finally:
+        c.stop_all()
+        tiny.stop()
+    assert not os.path.ismount(tiny.mountpoint)

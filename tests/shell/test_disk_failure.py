@@ -15,7 +15,7 @@ from blockrep.peer.requests import WRITE
 from blockrep.shell import admin
 from blockrep.state import DiskState
 
-from support.inprocess import Pair, pattern, run, settle, wait_until
+from support.inprocess import Pair, metastore, pattern, run, settle, wait_until
 from .test_write_path import BIG, SMALL
 
 MiB = 1 << 20
@@ -96,3 +96,45 @@ def test_pass_on_keeps_the_secondary_attached(tmp_path):
         finally:
             await p.close()
     run(main())
+
+
+def _attach_and_resync(tmp_path, store_factory=None):
+    async def main():
+        p = await Pair(tmp_path, store_factory=store_factory).start()
+        try:
+            assert await p.submit(p.alpha, WRITE, 0, data=pattern(1, BIG)) == 0
+            p.beta.disk.fail("write", MiB, SMALL, errno.EIO)
+            assert await p.submit(p.alpha, WRITE, MiB, data=pattern(2, SMALL)) == 0
+            await wait_until(lambda: p.alpha.peer_disk == DiskState.DISKLESS, "detached")
+            assert await p.submit(p.alpha, WRITE, 2 * MiB, data=pattern(3, BIG)) == 0
+            with pytest.raises(admin.CommandRefused):
+                admin.cmd_resync(p.alpha)  # nothing to resync onto a detached disk
+            p.beta.disk.faults.clear()  # the disk is repaired (or replaced at its path)
+            assert admin.cmd_attach(p.beta) == "Inconsistent"
+            assert admin.cmd_attach(p.beta).startswith("the disk is attached")
+            await wait_until(lambda: p.alpha.link is None and p.beta.link is None,
+                             "renegotiating")
+            await p.reconnect()
+            await wait_until(lambda: p.beta.disk_state == DiskState.UP_TO_DATE and
+                             p.alpha.peer_disk == DiskState.UP_TO_DATE and
+                             p.alpha.repl == p.beta.repl == st.ReplState.ESTABLISHED,
+                             "full sync done")
+            assert admin.status(p.beta)["disk_failure"] == ""
+            for off, tag, n in ((0, 1, BIG), (MiB, 2, SMALL), (2 * MiB, 3, BIG)):
+                assert p.read(p.beta, off, n) == pattern(tag, n)
+            assert p.alpha.bitmap.count() == 0
+            # replicating again
+            assert await p.submit(p.alpha, WRITE, 3 * MiB, data=pattern(4, SMALL)) == 0
+            await settle()
+            assert p.read(p.beta, 3 * MiB, SMALL) == pattern(4, SMALL)
+        finally:
+            await p.close()
+    run(main())
+
+
+def test_attach_after_detach_resyncs_from_the_peer(tmp_path):
+    _attach_and_resync(tmp_path)
+
+
+def test_attach_with_internal_metadata(tmp_path):
+    _attach_and_resync(tmp_path, metastore)
