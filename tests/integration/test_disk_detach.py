@@ -2,9 +2,10 @@
 error filter behind nbdfuse as the Secondary's disk, errors switched on mid-run while a
 client writes through the Primary. The client sees no error, the Secondary detaches
 (Failed -> Diskless, the reason in its status), the Primary reports the peer disk Diskless
-and keeps every acknowledged write (and marks it out of sync), and after the Primary is
-killed the detached Secondary refuses promotion, forced or not. The same with ENOSPC from a sparse file on a tiny tmpfs.
-Figures are printed."""
+and keeps every acknowledged write (and marks it out of sync); `attach` after the disk heals
+brings it back by a full sync. With ENOSPC from a sparse file on a tiny tmpfs the same
+detach, and after the Primary is killed the detached Secondary refuses promotion, forced or
+not. Figures are printed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from support.faulttools import faulty_disk_for, set_node_value
 from support.helpers import require_tool
 from support.nbd_testlib import RawClient
-from support.repltools import MiB, read_at
+from support.repltools import MiB, cmp_data, read_at
 
 from blockrep.faults.disk import TOOLS, TinyTmpfs
 
@@ -26,8 +27,8 @@ def _data(i: int) -> bytes:
     return bytes([i % 251 + 1]) * CHUNK
 
 
-def test_secondary_eio_detaches_and_the_primary_keeps_every_acknowledged_write(cluster):
-    require_tool(*TOOLS)
+def test_secondary_eio_detaches_primary_keeps_every_acked_write_attach_resyncs(cluster):
+    require_tool(*TOOLS, "cmp")
     c = cluster(size="64M")
     disk = faulty_disk_for(c, "beta")
     try:
@@ -66,17 +67,25 @@ def test_secondary_eio_detaches_and_the_primary_keeps_every_acknowledged_write(c
             assert errors == 0
             assert b["disk"] == "Diskless" and "I/O error" in b["disk_failure"]
             assert a["disk"] == "UpToDate" and a["out_of_sync_bytes"] >= degraded
+            # the disk is repaired: attach it, a full sync brings it back
+            disk.heal()
+            t1 = time.monotonic()
+            c.admin("beta", "attach")
+            b = c.wait_status("beta", lambda s: s["disk"] == "UpToDate" and
+                              s["replication"] == "Established", 60, "attached and synced",
+                              fast=True)
+            print(f"attach: UpToDate again after {time.monotonic() - t1:.2f} s (full sync of "
+                  f"{b['size_bytes']} bytes); disk_failure now {b['disk_failure']!r}")
+            assert nbd.write(600 * CHUNK, _data(600)) == 0  # replicated again
+            acked.append(600)
+            c.wait_status("alpha", lambda s: s["out_of_sync_bytes"] == 0, 10, "in sync",
+                          fast=True)
             nbd.disconnect()
-        c.kill("alpha")
-        # the survivor with the data is alpha: every acknowledged write is on its disk
+        # every acknowledged write is on both disks, and they are identical
+        c.stop_all()
         for i in acked:
             assert read_at(c.disk("alpha"), i * CHUNK, CHUNK) == _data(i), f"chunk {i} lost"
-        c.wait_status("beta", lambda s: s["connection"] != "Connected", 20, "beta lost alpha",
-                      fast=True)
-        for args in ((), ("--force",)):
-            res = c.cli("beta", "primary", *args, check=False)
-            assert res.returncode != 0 and "Diskless" in res.stderr + res.stdout, res
-        assert c.admin("beta")["role"] == "Secondary"
+        cmp_data(c, a["size_bytes"])
     finally:
         c.stop_all()
         disk.stop()
@@ -117,8 +126,10 @@ def test_secondary_enospc_detaches_and_is_never_promoted(cluster):
             assert read_at(c.disk("alpha"), i * CHUNK, CHUNK) == _data(i), f"chunk {i} lost"
         c.wait_status("beta", lambda s: s["connection"] != "Connected", 20, "beta lost alpha",
                       fast=True)
-        res = c.cli("beta", "primary", check=False)
-        assert res.returncode != 0 and "Diskless" in res.stderr, res
+        for args in ((), ("--force",)):
+            res = c.cli("beta", "primary", *args, check=False)
+            assert res.returncode != 0 and "Diskless" in res.stderr, res
+        assert c.admin("beta")["role"] == "Secondary"
     finally:
         c.stop_all()
         tiny.stop()
