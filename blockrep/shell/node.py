@@ -196,7 +196,7 @@ class Node:
             self.disk.flush()
         except OSError as exc:
             log.error("final flush failed: %s", exc)
-        if self.store is not None:
+        if self.store is not None and self.diskfail.attached:  # a detached disk: untouched
             self.store.clean_shutdown(was_primary=self.is_primary)
         self.executor.shutdown(wait=True)
         self.disk.close()

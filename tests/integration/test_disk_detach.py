@@ -130,6 +130,7 @@ def test_secondary_enospc_detaches_and_is_never_promoted(cluster):
             res = c.cli("beta", "primary", *args, check=False)
             assert res.returncode != 0 and "Diskless" in res.stderr, res
         assert c.admin("beta")["role"] == "Secondary"
+        assert c.stop("beta") == 0, c.log("beta")[-3000:]  # a clean stop, disk untouched
     finally:
         c.stop_all()
         tiny.stop()
