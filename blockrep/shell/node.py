@@ -1,14 +1,12 @@
 """One node of a replicated resource: the process behind `blockrep up`.
 
-Owns: the node's life cycle (start, run, shutdown), its states and their setters
-(`set_role`, `set_connection`, `set_replication`, `set_disk`: each logs `old -> new` once and
-emits one event), the peer connection's life (dial, accept, handshake checks, timeouts,
-reconnect, link loss), the packet table of an established link (every packet type, verify's
-and resync's included), the resync life cycle, and the one I/O thread pool.
-Must not: parse wire formats (blockrep.peer / blockrep.nbd do), decide sync direction or
-whether a command may run (blockrep.state does), apply the decision on connect (connect.py
-does), serve the admin socket or render status (admin.py does); the write path lives in
-replication.py, resync in resync.py, verify in verify.py.
+Owns: the node's life cycle, its states and their setters (`set_role`, `set_connection`,
+`set_replication`, `set_disk`: each logs `old -> new` once and emits one event), the peer
+connection's life (dial, accept, handshake checks, timeouts, reconnect, link loss), the packet
+table of an established link, the resync life cycle, the I/O thread pool.
+Must not: parse wire formats (blockrep.peer / blockrep.nbd), decide sync direction or whether a
+command may run (blockrep.state), apply the decision on connect (connect.py), serve the admin
+socket or render status (admin.py); the write path is replication.py.
 """
 
 from __future__ import annotations
@@ -72,8 +70,7 @@ class Node:
         self.role = Role.SECONDARY
         self.conn = ConnState.CONNECTING
         self.repl = ReplState.OFF
-        self.peer_role = Role.UNKNOWN
-        self.peer_disk = DiskState.DUNKNOWN
+        self.peer_role, self.peer_disk = Role.UNKNOWN, DiskState.DUNKNOWN
         self.was_primary_flag = bool(store and store.was_primary)
         self.decision: st.Decision | None = None
         self.last_error = ""
@@ -390,8 +387,7 @@ class Node:
         handler(self, link, body)
 
     def _ctl_state(self, link, body):
-        old = self.peer_disk
-        self.peer_role, self.peer_disk = messages.state_update(body)
+        old, (self.peer_role, self.peer_disk) = self.peer_disk, messages.state_update(body)
         self.applier.peer_protocol = str(body.get("protocol", self.applier.peer_protocol))
         self.emit("peer-state", role=self.peer_role.value, disk=self.peer_disk.value)
         self.diskfail.peer_disk_changed(old)
