@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -116,6 +117,7 @@ class FakeNode:
         self.resync_differing_bytes = 0
         self.last_sync = None
         self.hooks = NoHandlers()
+        self.diskfail = types.SimpleNamespace(attached=True)  # on-io-error: never tripped here
 
     def run_io(self, fn, done):
         fut = self.loop.run_in_executor(self.executor, fn)
