@@ -5,7 +5,7 @@ application writes the resync is held to c-min-rate (figures printed, not assert
 from __future__ import annotations
 
 import re
-import threading
+import subprocess
 import time
 
 from support.helpers import require_tool
@@ -70,20 +70,19 @@ def test_adjust_applies_tunables_and_refuses_restart_changes(cluster, tmp_path):
 
 
 def test_resync_is_held_to_c_min_rate_beneath_application_writes(cluster):
-    require_tool("qemu-io")
+    require_tool("qemu-io", "fio")
     floor = 4 << 20
     c = cluster(size="64M", resource={"c-min-rate": "4M"})
     c.up_pair()
     c.kill("beta")
     qemu_io(c.uri("alpha"), "write -P 0x41 0 48M")
-    stop = threading.Event()
-
-    def app():  # application writes while the resync runs
-        while not stop.is_set():
-            qemu_io(c.uri("alpha"), *[f"write -P 0x52 {56 + (i % 8)}M 256k"
-                                      for i in range(40)], check=False)
-    th = threading.Thread(target=app)  # the load is on before the resync starts
-    th.start()
+    # application writes while the resync runs: one fio process writing steadily (16 MiB/s)
+    # to the last 8 MiB, on before the resync starts (short qemu-io runs left gaps under load
+    # in which the resync saw no application traffic and ran unthrottled to its end)
+    app = subprocess.Popen(["fio", "--name=app", "--ioengine=nbd", f"--uri={c.uri('alpha')}",
+                            "--rw=randwrite", "--bs=64k", "--iodepth=4", "--offset=56M",
+                            "--size=8M", "--rate=16m", "--time_based", "--runtime=120"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         c.start("beta")
         c.wait_status("alpha", lambda s: s["replication"] == "SyncSource" and s["sync"]
@@ -95,8 +94,8 @@ def test_resync_is_held_to_c_min_rate_beneath_application_writes(cluster):
         s1 = c.admin("alpha")
         t1 = time.monotonic()
     finally:
-        stop.set()
-        th.join(60)
+        app.terminate()
+        app.wait(60)
     loaded = (s1["sync"]["done_bytes"] - s0["sync"]["done_bytes"]) / (t1 - t0) \
         if s1["sync"] else None
     k = (s1["sync"] or {}).get("control") or {}
