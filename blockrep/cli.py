@@ -233,11 +233,13 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
-def cmd_events(args) -> int:
+def _event_stream(args, request: dict):
+    """The node's events, one decoded message at a time (the first carries the snapshot in
+    `result`); an error answer raises CliError; Ctrl-C ends the stream quietly."""
     cfg, node = _load_cfg(args)
     sock = admin_connect(cfg, node.name, timeout=None)
     with sock, sock.makefile("rwb") as f:
-        f.write(b'{"cmd": "events"}\n')
+        f.write((json.dumps(request) + "\n").encode())
         f.flush()
         try:
             for line in f:
@@ -246,12 +248,17 @@ def cmd_events(args) -> int:
                     raise CliError(str(ev.get("error")),
                                    _CODE_EXIT.get(ev.get("code"), EXIT_ERROR),
                                    ev.get("code", "error"))
-                if "result" in ev:
-                    ev = {"event": "exists", **{k: ev["result"][k] for k in
-                          ("role", "disk", "connection", "replication", "out_of_sync_bytes")}}
-                print(json.dumps(ev), flush=True)
+                yield ev
         except KeyboardInterrupt:
             pass
+
+
+def cmd_events(args) -> int:
+    for ev in _event_stream(args, {"cmd": "events"}):
+        if "result" in ev:
+            ev = {"event": "exists", **{k: ev["result"][k] for k in
+                  ("role", "disk", "connection", "replication", "out_of_sync_bytes")}}
+        print(json.dumps(ev), flush=True)
     return EXIT_OK
 
 
@@ -268,28 +275,13 @@ def cmd_adjust(args) -> int:
 def cmd_events2(args) -> int:
     """The event stream in drbdsetup events2's shape (shell/events.py)."""
     from .shell.events import Events2
-    cfg, node = _load_cfg(args)
     r = Events2(statistics=args.statistics, timestamps=args.timestamps)
-    sock = admin_connect(cfg, node.name, timeout=None)
-    with sock, sock.makefile("rwb") as f:
-        f.write((json.dumps({"cmd": "events", "args": {"statistics": args.statistics}})
-                 + "\n").encode())
-        f.flush()
-        try:
-            for line in f:
-                ev = json.loads(line)
-                if ev.get("ok") is False:
-                    raise CliError(str(ev.get("error")),
-                                   _CODE_EXIT.get(ev.get("code"), EXIT_ERROR),
-                                   ev.get("code", "error"))
-                out = r.exists(ev["result"], ev.get("wallclock")) if "result" in ev \
-                    else r.event(ev)
-                if out:
-                    print("\n".join(out), flush=True)
-                if "result" in ev and args.now:
-                    break
-        except KeyboardInterrupt:
-            pass
+    for ev in _event_stream(args, {"cmd": "events", "args": {"statistics": args.statistics}}):
+        out = r.exists(ev["result"], ev.get("wallclock")) if "result" in ev else r.event(ev)
+        if out:
+            print("\n".join(out), flush=True)
+        if "result" in ev and args.now:
+            break
     return EXIT_OK
 
 
