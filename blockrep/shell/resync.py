@@ -88,7 +88,9 @@ class ResyncSource:
         self._sent: deque[tuple[float, int]] = deque()  # (time, bytes) of the last second
         self._sent_sum = 0
         self._app_mark = (node.loop.time(), node.replicator.bytes_replicated)
-        self._app_busy_now = False
+        # busy until the first 100 ms sample says otherwise: a resync must not start with an
+        # unthrottled burst (at full speed 100 ms is tens of MiB) beneath a writing application
+        self._app_busy_now = True
         self.throttled = 0  # times c-min-rate held the resync back
         self._adjusted = 0.0
         self.inflight = RangeSet()  # pid -> (offset, length) sent, not yet acknowledged

@@ -84,6 +84,11 @@ def test_resync_is_held_to_c_min_rate_beneath_application_writes(cluster):
                             "--size=8M", "--rate=16m", "--time_based", "--runtime=120"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # the load must be arriving before the resync starts: under CI load fio can take
+        # longer to connect than the Secondary takes to start and the resync to end
+        first = c.admin("alpha")["counters"]["writes_local_only"]
+        c.wait_status("alpha", lambda s: s["counters"]["writes_local_only"] >= first + 32,
+                      60, "fio writing", fast=True)
         c.start("beta")
         c.wait_status("alpha", lambda s: s["replication"] == "SyncSource" and s["sync"]
                       and s["sync"].get("control"), 20, "resync running", fast=True)
