@@ -107,13 +107,43 @@ def cmd_serve(args) -> int:
 # -- replicated resources -----------------------------------------------------------------------
 
 def _load_cfg(args):
-    from .config import ConfigError, load
+    """The resource named by args.config (a name in the configuration directory or a path)
+    and this node of it."""
+    from .config import ConfigError, load, resolve
     try:
-        cfg = load(args.config)
+        cfg = load(resolve(args.config))
         node = cfg.node(args.node)
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_CONFIG, "config") from None
     return cfg, node
+
+
+def _local_nodes(args) -> list:
+    """`status` with no resource (or `all`): (cfg, node name) for every resource of the
+    configuration directory and each of its nodes on this host: --node, else the host
+    name's node, else every node whose admin socket exists (a pair on one host)."""
+    import socket as _s
+
+    from .config import ConfigError, config_dir, load, resource_files
+    files = resource_files()
+    if not files:
+        raise CliError(f"no resources configured in {config_dir()} (set BLOCKREP_CONFIG_DIR "
+                       f"or name a .toml file)", EXIT_CONFIG, "config")
+    out, seen = [], set()
+    for path in files:
+        try:
+            cfg = load(path)
+        except ConfigError as exc:
+            raise CliError(str(exc), EXIT_CONFIG, "config") from None
+        if args.node:
+            names = [args.node] if args.node in cfg.nodes else []
+        elif _s.gethostname() in cfg.nodes:
+            names = [_s.gethostname()]
+        else:
+            names = [n for n in cfg.nodes if os.path.exists(cfg.admin_socket(n))]
+        out += [(cfg, n) for n in names if (cfg.name, n) not in seen]
+        seen.update((cfg.name, n) for n in names)
+    return out
 
 
 def admin_connect(cfg, node: str, timeout: float = 30.0):
@@ -224,6 +254,8 @@ def _simple(cmd: str, **fixed):
 
 def cmd_status(args) -> int:
     from .shell.admin import format_status
+    if args.config in (None, "all"):
+        return _status_all(args)
     cfg, node = _load_cfg(args)
     if args.drbd:  # drbdsetup status --json's shape, for tools written for DRBD
         print(json.dumps(admin_call(cfg, node.name, "drbd-status"), indent=2))
@@ -231,6 +263,34 @@ def cmd_status(args) -> int:
     s = admin_call(cfg, node.name, "status")
     print(json.dumps(s, indent=1) if args.json else format_status(s))
     return EXIT_OK
+
+
+def _status_all(args) -> int:
+    """Every resource of this host, like `drbdadm status`: a node that is not running is
+    listed as such (exit EXIT_NOT_RUNNING once all are shown)."""
+    from .shell.admin import format_status
+    results, down = [], 0
+    for cfg, name in _local_nodes(args):
+        try:
+            results.append((cfg, name, admin_call(cfg, name, "drbd-status" if args.drbd
+                                                  else "status"), None))
+        except CliError as exc:
+            if exc.kind != "not-running":
+                raise
+            down += 1
+            results.append((cfg, name, None, exc))
+    if args.drbd:
+        print(json.dumps([r for _, _, res, _ in results if res for r in res], indent=2))
+    elif args.json:
+        print(json.dumps([res if res is not None else
+                          {"resource": cfg.name, "node": name, "running": False,
+                           "error": exc.message, "code": exc.kind}
+                          for cfg, name, res, exc in results], indent=1))
+    else:
+        for cfg, name, res, exc in results:
+            print(format_status(res) if res is not None else
+                  f"{cfg.name} node:{name} not running")
+    return EXIT_NOT_RUNNING if down else EXIT_OK
 
 
 def _event_stream(args, request: dict):
@@ -264,7 +324,7 @@ def cmd_events(args) -> int:
 
 def cmd_adjust(args) -> int:
     cfg, node = _load_cfg(args)
-    res = admin_call(cfg, node.name, "adjust", path=os.path.abspath(args.config))
+    res = admin_call(cfg, node.name, "adjust", path=os.path.abspath(cfg.path))
     if args.json:
         _print_result(args, res)
     else:
@@ -360,9 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU time (default 0: off)")
     s.set_defaults(func=cmd_serve)
 
-    def res_cmd(name, helptext, func):
+    def res_cmd(name, helptext, func, *, optional=False):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("config", help="resource configuration (TOML)")
+        if optional:
+            c.add_argument("config", nargs="?", metavar="RESOURCE",
+                           help="a resource's name (its file in the configuration directory, "
+                                "BLOCKREP_CONFIG_DIR or /etc/blockrep) or the path of its "
+                                ".toml file; with none, or \"all\", every resource of this "
+                                "host")
+        else:
+            c.add_argument("config", metavar="RESOURCE",
+                           help="a resource's name (its file in the configuration directory, "
+                                "BLOCKREP_CONFIG_DIR or /etc/blockrep) or the path of its "
+                                ".toml file")
         c.add_argument("--node", help="this node's name (default: the host name)")
         c.add_argument("--json", action="store_true",
                        help="machine-readable output, errors included")
@@ -393,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("protocol", choices=("A", "B", "C"),
                    help="A: ack when queued for the peer, B: when the peer has received "
                         "it, C: when it is on the peer's disk")
-    c = res_cmd("status", "show the resource's state", cmd_status)
+    c = res_cmd("status", "show the resource's state (every resource's, with none named)",
+                cmd_status, optional=True)
     c.add_argument("--drbd", action="store_true",
                    help="JSON in the shape of `drbdsetup status --json` (resources with "
                         "devices, connections and peer_devices)")

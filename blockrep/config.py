@@ -233,7 +233,58 @@ def _check_keys(table: dict, allowed: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key}: wrong type {type(value).__name__}")
 
 
-def load(path: str) -> ResourceConfig:
+# -- where configurations live: drbdadm reads /etc/drbd.d/*.res and global_common.conf;
+# blockrep reads /etc/blockrep/*.toml (BLOCKREP_CONFIG_DIR overrides), one resource a file,
+# and common.toml beside them holds [common]: defaults for every resource of the directory
+DEFAULT_CONFIG_DIR = "/etc/blockrep"
+COMMON_FILE = "common.toml"
+
+
+def config_dir() -> str:
+    return os.environ.get("BLOCKREP_CONFIG_DIR") or DEFAULT_CONFIG_DIR
+
+
+def resource_files(directory: str | None = None) -> list[str]:
+    """The resource files of the configuration directory (every *.toml but common.toml),
+    sorted; [] when the directory does not exist."""
+    directory = directory or config_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"{directory}: cannot list: {exc.strerror}") from None
+    return [os.path.join(directory, n) for n in names
+            if n.endswith(".toml") and n != COMMON_FILE
+            and os.path.isfile(os.path.join(directory, n))]
+
+
+def resolve(spec: str) -> str:
+    """A resource named on the command line -> its file. A path (has a "/" or ends in
+    .toml) is taken as it is; a name is looked up in the configuration directory: NAME.toml,
+    else the file whose resource.name is NAME."""
+    if os.sep in spec or spec.endswith(".toml"):
+        return spec
+    directory = config_dir()
+    direct = os.path.join(directory, f"{spec}.toml")
+    if os.path.isfile(direct):
+        return direct
+    names = []
+    for path in resource_files(directory):
+        try:
+            with open(path, "rb") as f:
+                name = tomllib.load(f).get("resource", {}).get("name")
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # reported when that resource itself is used
+        if name == spec:
+            return path
+        names.append(str(name))
+    known = f"resources there: {', '.join(names)}" if names else "no resources there"
+    raise ConfigError(f"no resource {spec!r} in {directory} ({known}); give a name or the "
+                      f"path of its .toml file")
+
+
+def _read_toml(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -241,7 +292,56 @@ def load(path: str) -> ResourceConfig:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return loads(data, path)
+    try:
+        return tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_common(directory: str) -> dict:
+    """[common] of the directory's common.toml (resource keys and a [common.handlers]
+    table), or {} when there is none."""
+    path = os.path.join(directory, COMMON_FILE)
+    if not os.path.exists(path):
+        return {}
+    raw = _read_toml(path)
+    for key in raw:
+        if key != "common":
+            raise ConfigError(f"{path}: unknown section [{key}] (common.toml holds [common] "
+                              f"and [common.handlers] only)")
+    common = raw.get("common", {})
+    if not isinstance(common, dict):
+        raise ConfigError(f"{path}: [common] must be a table")
+    allowed = {k: v for k, v in RESOURCE_KEYS.items() if k != "name"}
+    allowed["handlers"] = dict
+    _check_keys(common, allowed, f"{path}: common")
+    handlers = common.get("handlers", {})
+    if not isinstance(handlers, dict):
+        raise ConfigError(f"{path}: [common.handlers] must be a table")
+    _check_keys(handlers, HANDLER_KEYS, f"{path}: common.handlers")
+    return common
+
+
+def with_common(raw: dict, common: dict) -> dict:
+    """The resource's own settings over the common ones ([handlers] merged by key)."""
+    if not common:
+        return raw
+    merged = dict(raw)
+    if isinstance(raw.get("resource"), dict):
+        res = {k: v for k, v in common.items() if k != "handlers"}
+        res.update(raw["resource"])
+        merged["resource"] = res
+    if common.get("handlers") or "handlers" in raw:
+        own = raw.get("handlers", {})
+        merged["handlers"] = {**common.get("handlers", {}), **own} \
+            if isinstance(own, dict) else own
+    return merged
+
+
+def load(path: str) -> ResourceConfig:
+    """A resource file, with the [common] defaults of the common.toml beside it."""
+    raw = _read_toml(path)
+    return parse(with_common(raw, load_common(os.path.dirname(path) or ".")), path)
 
 
 def loads(data: bytes, path: str = "<config>") -> ResourceConfig:

@@ -643,3 +643,66 @@ def test_on_io_error_defaults_to_detach_and_takes_pass_on():
     assert cfg.on_io_error == "pass-on"
     bad(with_(lambda r: r["resource"].__setitem__("on-io-error", "panic")),
         "resource.on-io-error", "detach", "pass-on")
+
+
+# -- the configuration directory: names, common.toml -------------------------------------------
+
+RESOURCE = """
+[resource]
+name = "{name}"
+shared-secret = "x"
+{extra}
+[node.alpha]
+address = "10.0.0.1:7789"
+disk = "/dev/vdb"
+nbd = "127.0.0.1:10809"
+
+[node.beta]
+address = "10.0.0.2:7789"
+disk = "/dev/vdc"
+nbd = "127.0.0.1:10810"
+"""
+
+
+def test_common_toml_gives_defaults_the_resource_overrides(tmp_path):
+    (tmp_path / "common.toml").write_text(
+        '[common]\nprotocol = "A"\ntimeout = 9\nc-min-rate = "1M"\n'
+        '[common.handlers]\nsplit-brain = "/bin/true"\nout-of-sync = "/bin/true"\n')
+    (tmp_path / "r0.toml").write_text(RESOURCE.format(
+        name="r0", extra='timeout = 4\n[handlers]\nout-of-sync = "/bin/false"\n'))
+    cfg = load(str(tmp_path / "r0.toml"))
+    assert cfg.protocol == "A" and cfg.c_min_rate == 1 << 20  # from [common]
+    assert cfg.timeout == 4.0  # the resource's own wins
+    assert cfg.handlers == {"split-brain": "/bin/true", "out-of-sync": "/bin/false"}
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('[common]\nname = "x"\n', "common: unknown key 'name'"),
+    ('[common]\ntimeout = "soon"\n', "common.timeout: wrong type str"),
+    ('[resource]\nname = "x"\n', "unknown section [resource]"),
+    ('[common.handlers]\nfence = "/bin/true"\n', "common.handlers: unknown key 'fence'"),
+    ('[common\n', "not valid TOML"),
+])
+def test_bad_common_toml_is_one_clear_error(tmp_path, text, fragment):
+    (tmp_path / "common.toml").write_text(text)
+    (tmp_path / "r0.toml").write_text(RESOURCE.format(name="r0", extra=""))
+    with pytest.raises(ConfigError) as ei:
+        load(str(tmp_path / "r0.toml"))
+    msg = str(ei.value)
+    assert "common.toml" in msg and fragment in msg and "\n" not in msg, msg
+
+
+def test_resource_names_resolve_in_the_configuration_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKREP_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "common.toml").write_text("[common]\n")
+    (tmp_path / "r0.toml").write_text(RESOURCE.format(name="r0", extra=""))
+    (tmp_path / "web.toml").write_text(RESOURCE.format(name="webdata", extra=""))
+    assert config.resolve("r0") == str(tmp_path / "r0.toml")  # NAME.toml
+    assert config.resolve("webdata") == str(tmp_path / "web.toml")  # by resource.name
+    assert config.resolve("./elsewhere.toml") == "./elsewhere.toml"  # a path as it is
+    assert config.resource_files() == [str(tmp_path / "r0.toml"), str(tmp_path / "web.toml")]
+    with pytest.raises(ConfigError) as ei:
+        config.resolve("nope")
+    assert "no resource 'nope' in" in str(ei.value) and "r0, webdata" in str(ei.value)
+    monkeypatch.setenv("BLOCKREP_CONFIG_DIR", str(tmp_path / "missing"))
+    assert config.resource_files() == []

@@ -107,3 +107,47 @@ def test_commands_refused_with_reasons(cluster):
     c.cli("alpha", "down")
     wait_for(lambda: c.procs["alpha"].poll() is not None, timeout=30, what="alpha down")
     assert c.procs["alpha"].returncode == 0
+
+
+def test_status_without_a_resource_shows_every_resource_and_common_toml_applies(cluster):
+    """drbdadm's conventions: resources live in one directory (BLOCKREP_CONFIG_DIR, by
+    default /etc/blockrep) and are named, not pathed; `status` with none named shows each
+    one's nodes on this host; common.toml's [common] is every resource's default."""
+    c = cluster(size="32M")
+    c.up_pair()
+    env = dict(os.environ, BLOCKREP_CONFIG_DIR=c.dir)
+
+    def blockrep(*args, check=True):
+        res = subprocess.run([PY, "-m", "blockrep", *args], cwd=ROOT, env=env, check=False,
+                             capture_output=True, text=True, timeout=60)
+        assert not check or res.returncode == 0, (res.returncode, res.stderr)
+        return res
+
+    text = blockrep("status").stdout
+    assert "node:alpha role:Primary" in text and "node:beta role:Secondary" in text, text
+    both = json.loads(blockrep("status", "all", "--json").stdout)
+    assert sorted(s["node"] for s in both) == ["alpha", "beta"], both
+    drbd = json.loads(blockrep("status", "--drbd").stdout)
+    assert len(drbd) == 2 and {r["name"] for r in drbd} == {both[0]["resource"]}, drbd
+    name = both[0]["resource"]
+    one = json.loads(blockrep("status", name, "--node", "beta", "--json").stdout)
+    assert one["role"] == "Secondary"  # by name, from the directory
+
+    # [common] in common.toml reaches a running node through `adjust`
+    with open(os.path.join(c.dir, "common.toml"), "w") as f:
+        f.write('[common]\nc-min-rate = "3M"\n')
+    out = blockrep("adjust", name, "--node", "alpha").stdout
+    assert "c-min-rate" in out, out
+    assert blockrep("adjust", name, "--node", "alpha").stdout.strip() == "nothing to change"
+
+    c.kill("beta")
+    text = blockrep("status").stdout  # no host name matches: the nodes running here
+    assert "node:alpha role:Primary" in text and "node:beta" not in text, text
+    res = blockrep("status", "--node", "beta", check=False)  # a node of this host: down
+    assert res.returncode == 4, (res.returncode, res.stderr)  # EXIT_NOT_RUNNING
+    assert res.stdout.strip() == f"{name} node:beta not running", res.stdout
+    res = blockrep("status", "nosuch", check=False)
+    assert res.returncode == 3 and "no resource 'nosuch' in" in res.stderr, res.stderr
+    env["BLOCKREP_CONFIG_DIR"] = c.dir + "/none"
+    res = blockrep("status", check=False)
+    assert res.returncode == 3 and "no resources configured in" in res.stderr, res.stderr
