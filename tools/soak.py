@@ -17,9 +17,10 @@ number and a version, and every acknowledgement is recorded. Every few seconds o
   flip             one byte of the next link chunk of at least 40 bytes (header or payload,
                    either direction) is inverted: the header checksum or the payload CRC
                    catches it, the link drops, reconnects and resyncs
-  disk-eio         (--disk-faults) a node's disk fails writes with EIO for 0.5-2 s, through
-                   nbdkit's error filter behind nbdfuse; off by default: blockrep has no
-                   on-io-error policy yet (issue 8), so this kind is known to lose data
+  disk-eio         (--disk-faults) the Secondary's disk fails writes with EIO for 0.5-2 s,
+                   through nbdkit's error filter behind nbdfuse; on-io-error = detach makes
+                   it Diskless (the Primary marks everything from then on); once the disk
+                   is healed the soak runs `attach` and the full sync brings it back
 
 With --fio, fio verify=crc32c jobs run back to back beside the writer on the region after
 its blocks. At the end: every fault undone, both nodes running, a Primary, the writer
@@ -330,20 +331,40 @@ class Soak:
             finally:
                 self.proxy.blackhole(False)
         elif kind == "disk-eio":
-            victim = r.choice((prim, sec))
-            self.client_epoch += victim is prim
+            victim = sec
             victim.faulty.inject("pwrite")
             try:
                 await asyncio.sleep(self.hold(0.5, 2))
             finally:
                 victim.faulty.heal()
-                self.client_epoch += victim is prim
+            await self.reattach(victim)
         elif kind == "flip":
             # header or payload, toward either node; the next chunk that is at least a header
             self.proxy.flip(direction=r.choice(("fwd", "rev")), count=1,
                             min_chunk=HEADER_SIZE, at=r.randrange(HEADER_SIZE + 64))
             await asyncio.sleep(self.hold(0.5, 2))
             self.proxy.flip(direction="both", count=0)  # disarm one that found no chunk
+
+    async def reattach(self, node: NodeProcess, timeout: float = 30.0) -> None:
+        """A node whose disk was detached (Diskless) gets `attach` once its disk is healed:
+        the operator's step after replacing a disk (docs/operations.md, "Disk failures")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = await node.status()
+            if s is None and not node.running:
+                return  # killed meanwhile: it attaches its disk when it starts again
+            if s is not None and s["disk"] != "Diskless":
+                return
+            if s is not None:
+                try:
+                    await node.admin("attach")
+                    self.faults["attach"] += 1
+                    return
+                except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+                    last = str(exc)
+            await asyncio.sleep(0.2)
+        self.notes.append(f"{node.name} stayed Diskless: attach failed for {timeout:.0f} s"
+                          f" ({locals().get('last', 'no answer')})")
 
     async def faults_loop(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -368,6 +389,9 @@ class Soak:
             if not n.running:
                 await n.start()
         self.proxy.reset()
+        for n in self.nodes.values():
+            if n.faulty is not None:
+                await self.reattach(n)
         await self.ensure_primary(self.primary or self.last_primary)
         await asyncio.sleep(2.0)  # acknowledged writes after the last fault
         self.writing = False
@@ -444,7 +468,7 @@ class Soak:
             self.fio["failed"]
         summary = {
             "seed": self.args.seed, "minutes": round(elapsed / 60, 2), "rounds": rounds,
-            "faults": {k: self.faults[k] for k in (*self.kinds, "failover")},
+            "faults": {k: self.faults[k] for k in (*self.kinds, "failover", "attach")},
             "writes": {"sent": L.writes_sent, "acknowledged": L.writes_acked,
                        "errors": L.write_errors, "nbd_connections": self.reconnects,
                        "longest_gap_s": round(self.longest_gap, 2)},
