@@ -2,7 +2,8 @@
  *
  * Owns: CRC32C (Castagnoli) over any buffer, hardware (SSE4.2 crc32 instruction) when the
  * CPU has it, slicing-by-8 software otherwise; per-block CRC32C; batched positional I/O
- * (preadv/pwritev over a list of (offset, buffer)) that releases the GIL and raises OSError.
+ * (preadv/pwritev over a list of (offset, buffer)) that releases the GIL and raises OSError;
+ * the peer link's 40-byte packet header built and checked (magic, header CRC32C) in one call.
  * Must not: hold the GIL across a system call or a large checksum, or know about NBD.
  * The pure-Python twin lives in blockrep/native.py; tests compare the two.
  */
@@ -140,10 +141,21 @@ static uint32_t crc_raw(uint32_t crc, const uint8_t *p, size_t n) {
     return crc_sw(crc, p, n);
 }
 
-static PyObject *py_crc32c_impl(PyObject *args, int force_sw) {
+/* crc32c(data, value=0): METH_FASTCALL, no argument tuple parsed per call (the hot path
+ * calls it for every packet). `value` is taken modulo 2**32 like the "I" format. */
+static PyObject *py_crc32c_impl(PyObject *const *args, Py_ssize_t nargs, int force_sw) {
     Py_buffer buf;
-    unsigned int value = 0;
-    if (!PyArg_ParseTuple(args, "y*|I", &buf, &value))
+    unsigned long value = 0;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "crc32c expected 1 or 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (nargs == 2) {
+        value = PyLong_AsUnsignedLongMask(args[1]);
+        if (value == (unsigned long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
         return NULL;
     uint32_t crc = ~(uint32_t)value;
     const uint8_t *p = buf.buf;
@@ -158,8 +170,112 @@ static PyObject *py_crc32c_impl(PyObject *args, int force_sw) {
     return PyLong_FromUnsignedLong(~crc);
 }
 
-static PyObject *py_crc32c(PyObject *self, PyObject *args) { return py_crc32c_impl(args, 0); }
-static PyObject *py_crc32c_sw(PyObject *self, PyObject *args) { return py_crc32c_impl(args, 1); }
+static PyObject *py_crc32c(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return py_crc32c_impl(args, nargs, 0);
+}
+static PyObject *py_crc32c_sw(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return py_crc32c_impl(args, nargs, 1);
+}
+
+/* ---- peer link packet header (blockrep.peer.proto) ----------------------------------------
+ * magic u32 | type u16 | flags u16 | id u64 | offset u64 | size u32 | paylen u32 | crc u32 |
+ * hcrc u32, big-endian; hcrc = CRC32C of the 36 bytes before it. One call per packet instead
+ * of a pack, a checksum, a second pack and a concatenation (or an unpack, a view, a checksum
+ * and a slice) in Python. */
+
+#define LINK_MAGIC 0x42524550u /* "BREP" */
+#define LINK_HEADER 40
+
+static void put_be(uint8_t *p, uint64_t v, int n) {
+    for (int i = n - 1; i >= 0; i--) {
+        p[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static uint64_t get_be(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static int field(PyObject *o, int bytes, uint64_t *out) {
+    unsigned long long v;
+    if (PyLong_Check(o)) {
+        v = PyLong_AsUnsignedLongLong(o);
+    } else { /* anything with __index__ (a numpy integer), as struct.pack takes it */
+        PyObject *i = PyNumber_Index(o);
+        if (!i)
+            return -1;
+        v = PyLong_AsUnsignedLongLong(i);
+        Py_DECREF(i);
+    }
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (bytes < 8 && v >> (8 * bytes)) {
+        PyErr_Format(PyExc_OverflowError, "header field %llu does not fit in %d bytes", v,
+                     bytes);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static const int frame_widths[7] = {2, 2, 8, 8, 4, 4, 4}; /* type .. crc, after the magic */
+
+static PyObject *py_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "frame expected 7 arguments, got %zd", nargs);
+        return NULL;
+    }
+    uint8_t h[LINK_HEADER];
+    put_be(h, LINK_MAGIC, 4);
+    int pos = 4;
+    for (int i = 0; i < 7; i++) {
+        uint64_t v;
+        if (field(args[i], frame_widths[i], &v) < 0)
+            return NULL;
+        put_be(h + pos, v, frame_widths[i]);
+        pos += frame_widths[i];
+    }
+    put_be(h + 36, ~crc_raw(0xFFFFFFFFu, h, 36), 4);
+    return PyBytes_FromStringAndSize((const char *)h, LINK_HEADER);
+}
+
+/* parse_header(buf, pos) -> (type, flags, id, offset, size, paylen, crc), or None when the
+ * magic or the header checksum is wrong (the caller says which and raises). */
+static PyObject *py_parse_header(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "parse_header expected 1 or 2 arguments, got %zd",
+                     nargs);
+        return NULL;
+    }
+    Py_ssize_t pos = 0;
+    if (nargs == 2) {
+        pos = PyLong_AsSsize_t(args[1]);
+        if (pos == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (pos < 0 || buf.len - pos < LINK_HEADER) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "a packet header needs %d bytes at offset %zd",
+                     LINK_HEADER, pos);
+        return NULL;
+    }
+    uint8_t h[LINK_HEADER];
+    memcpy(h, (const uint8_t *)buf.buf + pos, LINK_HEADER);
+    PyBuffer_Release(&buf);
+    if (get_be(h, 4) != LINK_MAGIC || ~crc_raw(0xFFFFFFFFu, h, 36) != get_be(h + 36, 4))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(IIKKIII)", (unsigned int)get_be(h + 4, 2),
+                         (unsigned int)get_be(h + 6, 2), (unsigned long long)get_be(h + 8, 8),
+                         (unsigned long long)get_be(h + 16, 8), (unsigned int)get_be(h + 24, 4),
+                         (unsigned int)get_be(h + 28, 4), (unsigned int)get_be(h + 32, 4));
+}
 
 static PyObject *py_crc32c_blocks(PyObject *self, PyObject *args) {
     Py_buffer buf;
@@ -322,9 +438,16 @@ static PyObject *py_pwritev(PyObject *self, PyObject *args) { return batch_io(ar
 static PyObject *py_have_hw(PyObject *self, PyObject *noargs) { return PyBool_FromLong(have_hw); }
 
 static PyMethodDef methods[] = {
-    {"crc32c", py_crc32c, METH_VARARGS,
+    {"crc32c", (PyCFunction)(void (*)(void))py_crc32c, METH_FASTCALL,
      "crc32c(data, value=0) -> int: CRC32C of data, continuing from value."},
-    {"crc32c_sw", py_crc32c_sw, METH_VARARGS, "crc32c using the software table only."},
+    {"crc32c_sw", (PyCFunction)(void (*)(void))py_crc32c_sw, METH_FASTCALL,
+     "crc32c using the software table only."},
+    {"frame", (PyCFunction)(void (*)(void))py_frame, METH_FASTCALL,
+     "frame(type, flags, id, offset, size, paylen, crc) -> the 40-byte link packet header, "
+     "its checksum (hcrc) included."},
+    {"parse_header", (PyCFunction)(void (*)(void))py_parse_header, METH_FASTCALL,
+     "parse_header(buf, pos=0) -> (type, flags, id, offset, size, paylen, crc), or None if "
+     "the magic or the header checksum is wrong."},
     {"crc32c_blocks", py_crc32c_blocks, METH_VARARGS,
      "crc32c_blocks(data, block_size) -> bytes: one little-endian uint32 CRC32C per block."},
     {"preadv", py_preadv, METH_VARARGS,

@@ -18,7 +18,8 @@ import pytest
 
 from blockrep import _native
 from blockrep import native
-from blockrep.native import py_crc32c, py_crc32c_blocks, py_preadv, py_pwritev
+from blockrep.native import (py_crc32c, py_crc32c_blocks, py_frame, py_parse_header,
+                             py_preadv, py_pwritev)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +63,7 @@ def test_native_is_selected_here():
     assert native.crc32c is _native.crc32c
     assert native.preadv is _native.preadv
     assert native.HW_CRC == _native.have_hw_crc()
+    assert native.frame is _native.frame
 
 
 @pytest.mark.parametrize("impl", CRC_IMPLS)
@@ -318,6 +320,79 @@ def test_native_accepts_list_pairs_like_fallback(tmpfd):
     assert buf == b"cd"
 
 
+# -- the link packet header (blockrep.peer.proto's layout) -----------------------------------
+
+FRAMES = [pytest.param(_native.frame, id="native"), pytest.param(py_frame, id="python")]
+PARSERS = [pytest.param(_native.parse_header, id="native"),
+           pytest.param(py_parse_header, id="python")]
+_FIELDS = [(10, 1, 0x0102030405060708, 0x1122334455667788, 4096, 4096, 0xCAFEBABE),
+           (0, 0, 0, 0, 0, 0, 0),
+           (0xFFFF, 0xFFFF, (1 << 64) - 1, (1 << 64) - 1, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)]
+
+
+def _hand_frame(fields) -> bytes:
+    head = struct.pack(">IHHQQIII", 0x42524550, *fields)
+    return head + struct.pack(">I", py_crc32c(head))
+
+
+@pytest.mark.parametrize("impl", FRAMES)
+@pytest.mark.parametrize("fields", _FIELDS)
+def test_frame_known_bytes(impl, fields):
+    assert impl(*fields) == _hand_frame(fields)
+
+
+@pytest.mark.parametrize("impl", FRAMES)
+@pytest.mark.parametrize("bad", [(-1, 0, 0, 0, 0, 0, 0), (1 << 16, 0, 0, 0, 0, 0, 0),
+                                 (0, 1 << 16, 0, 0, 0, 0, 0), (0, 0, 1 << 64, 0, 0, 0, 0),
+                                 (0, 0, 0, -1, 0, 0, 0), (0, 0, 0, 0, 1 << 32, 0, 0),
+                                 (0, 0, 0, 0, 0, 0, 1 << 32)])
+def test_frame_refuses_what_does_not_fit(impl, bad):
+    with pytest.raises((OverflowError, struct.error)):
+        impl(*bad)
+
+
+def test_frame_takes_index_integers():
+    class Idx:
+        def __index__(self):
+            return 7
+    assert _native.frame(Idx(), 0, Idx(), 0, 0, 0, 0) == py_frame(7, 0, 7, 0, 0, 0, 0)
+    with pytest.raises(TypeError):
+        _native.frame(1.0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(TypeError):
+        _native.frame(1, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("impl", PARSERS)
+@pytest.mark.parametrize("fields", _FIELDS)
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_parse_header_round_trip(impl, fields, kind):
+    buf = b"\xee" * 3 + _hand_frame(fields) + b"\xdd"
+    assert impl(kind(buf), 3) == fields
+    assert impl(kind(buf[3:])) == fields
+
+
+@pytest.mark.parametrize("impl", PARSERS)
+def test_parse_header_refuses_bad_magic_and_any_flipped_bit(impl):
+    good = _hand_frame(_FIELDS[0])
+    for pos in range(40):
+        for bit in range(8):
+            buf = bytearray(good)
+            buf[pos] ^= 1 << bit
+            assert impl(buf) is None, (pos, bit)
+
+
+@pytest.mark.parametrize("impl", PARSERS)
+def test_parse_header_needs_40_bytes(impl):
+    good = _hand_frame(_FIELDS[0])
+    for buf, pos in ((good[:39], 0), (good, 1), (good, -1), (b"", 0)):
+        with pytest.raises(ValueError):
+            impl(buf, pos)
+
+
+def test_header_selected_by_the_switch():
+    assert native.frame is _native.frame and native.parse_header is _native.parse_header
+
+
 # -- BLOCKREP_NO_NATIVE ------------------------------------------------------------------------
 
 _PROBE = r"""
@@ -327,7 +402,8 @@ data = bytes(range(256)) * 200 + b"tail"
 print(json.dumps({
     "native": native.NATIVE,
     "hw": native.HW_CRC,
-    "is_py": native.crc32c is native.py_crc32c and native.preadv is native.py_preadv,
+    "is_py": native.crc32c is native.py_crc32c and native.preadv is native.py_preadv
+             and native.frame is native.py_frame,
     "crcs": [native.crc32c(v) for v in (bytes(32), b"\xff" * 32, bytes(range(32)),
                                          b"123456789", data)],
     "blocks": native.crc32c_blocks(data, 4096).hex(),

@@ -30,8 +30,6 @@ VERSION = 3  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
 FEATURES = 0  # feature bits every node has; per-node ones (compression) in HandshakeParams
 HEADER = struct.Struct(">IHHQQIIII")
 HEADER_SIZE = HEADER.size  # 40
-_FIELDS = struct.Struct(">IHHQQIII")  # the 36 bytes hcrc covers
-_HCRC = struct.Struct(">I")
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
 MAX_CONTROL = 64 * 1024 * 1024  # bitmaps of very large devices travel as control
 
@@ -83,11 +81,11 @@ class LinkProtocolError(Exception):
     """The peer sent something that breaks the link protocol."""
 
 
-def frame(ptype: int, flags: int, pid: int, offset: int, size: int, paylen: int,
-          crc: int, *, _pack=_FIELDS.pack, _hcrc=_HCRC.pack, _crc=native.crc32c) -> bytes:
-    """The 40-byte header of one packet, its checksum included (the hot-path spelling)."""
-    head = _pack(MAGIC, ptype, flags, pid, offset, size, paylen, crc)
-    return head + _hcrc(_crc(head))
+# The 40-byte header of one packet, its checksum included, built (frame: the hot-path
+# spelling) and checked (_parse: None for a bad magic or checksum) in one call each, by the
+# C core or its twin in blockrep.native (which keeps this layout and MAGIC in step)
+frame = native.frame
+_parse = native.parse_header
 
 
 def pack_header(ptype: int, flags: int = 0, pid: int = 0, offset: int = 0, size: int = 0,
@@ -95,27 +93,36 @@ def pack_header(ptype: int, flags: int = 0, pid: int = 0, offset: int = 0, size:
     return frame(ptype, flags, pid, offset, size, paylen, crc)
 
 
+def _bad_header(buf, pos: int) -> LinkProtocolError:
+    """Why native.parse_header refused the header at `pos`: its magic or its checksum."""
+    magic = HEADER.unpack_from(buf, pos)[0]
+    if magic != MAGIC:
+        return LinkProtocolError(f"bad packet magic {magic:#x}")
+    return LinkProtocolError("bad packet header checksum (damaged on the link)")
+
+
 def check_header(buf, pos: int = 0) -> tuple[int, int, int, int, int, int, int, int]:
     """-> (magic, type, flags, id, offset, size, paylen, crc) of a header whose checksum
     holds; raises LinkProtocolError for a bad magic or a damaged header."""
-    fields = HEADER.unpack_from(buf, pos)
-    if fields[0] != MAGIC:
-        raise LinkProtocolError(f"bad packet magic {fields[0]:#x}")
-    if native.crc32c(memoryview(buf)[pos:pos + 36]) != fields[8]:  # no copy of the header
-        raise LinkProtocolError("bad packet header checksum (damaged on the link)")
-    return fields[:8]
+    fields = _parse(buf, pos)
+    if fields is None:
+        raise _bad_header(buf, pos)
+    return (MAGIC, *fields)
 
 
 def unpack_header(buf, pos: int = 0) -> tuple[int, int, int, int, int, int, int]:
     """-> (type, flags, id, offset, size, paylen, crc); checks magic, header checksum and
     payload length."""
-    _magic, ptype, flags, pid, offset, size, paylen, crc = check_header(buf, pos)
-    if ptype in CONTROL_TYPES:
-        if paylen > MAX_CONTROL:
+    fields = _parse(buf, pos)
+    if fields is None:
+        raise _bad_header(buf, pos)
+    paylen = fields[5]
+    if paylen > MAX_CONTROL:  # MAX_CONTROL < MAX_PAYLOAD: one comparison when it is fine
+        if fields[0] in CONTROL_TYPES:
             raise LinkProtocolError(f"control packet of {paylen} bytes is too large")
-    elif paylen > MAX_PAYLOAD:
-        raise LinkProtocolError(f"data packet of {paylen} bytes is too large")
-    return ptype, flags, pid, offset, size, paylen, crc
+        if paylen > MAX_PAYLOAD:
+            raise LinkProtocolError(f"data packet of {paylen} bytes is too large")
+    return fields
 
 
 def encode_control(ptype: int, body: dict) -> bytes:
