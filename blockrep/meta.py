@@ -371,15 +371,21 @@ class MetaStore:
         os.fdatasync(self.fd)
         self.al_writes += 1
 
-    def activity(self, offset: int, length: int, epoch: int, oldest_unacked: int,
+    def activity(self, offset: int, length: int, epoch: int, oldest_unacked,
                  in_flight=None) -> None:
         """Called before a local write: its extents must be in the on-disk AL first.
-        `in_flight` (a RangeSet of local writes still running) keeps their extents in the
-        log. If the transaction cannot be written (OSError, re-raised) the in-memory log is
-        left as it was, never ahead of the disk."""
+        `oldest_unacked()` is the oldest epoch the peer may lack (extents used in it or
+        later stay), asked only when an extent is added: a write to hot extents (nearly
+        every write) costs a dict update. `in_flight` (a RangeSet of local writes still
+        running) keeps their extents in the log. If the transaction cannot be written
+        (OSError, re-raised) the in-memory log is left as it was, never ahead of the disk."""
         first = offset // AL_EXTENT
         last = (offset + length - 1) // AL_EXTENT
         al = self.al
+        if first == last and first in al:  # the common case: one extent, already hot
+            al[first] = epoch
+            al.move_to_end(first)
+            return
         added = []
         for ext in range(first, last + 1):
             if ext in al:
@@ -391,7 +397,7 @@ class MetaStore:
         if not added:
             return
         try:
-            self._make_room(first, last, oldest_unacked, in_flight)
+            self._make_room(first, last, oldest_unacked(), in_flight)
             self._write_al()
         except OSError:
             for ext in added:  # they never reached the disk

@@ -485,11 +485,11 @@ def test_activity_writes_transaction(created):
     store = open_store(cfg, node)
     try:
         assert store.al_writes == 0
-        store.activity(100, 4096, epoch=1, oldest_unacked=1)
+        store.activity(100, 4096, epoch=1, oldest_unacked=lambda: 1)
         assert store.al_writes == 1
-        store.activity(8192, 4096, epoch=1, oldest_unacked=1)   # same extent: no write
+        store.activity(8192, 4096, epoch=1, oldest_unacked=lambda: 1)   # same extent: no write
         assert store.al_writes == 1
-        store.activity(AL_EXTENT - 10, 20, epoch=2, oldest_unacked=1)  # extent 0 and 1
+        store.activity(AL_EXTENT - 10, 20, epoch=2, oldest_unacked=lambda: 1)  # extent 0 and 1
         assert store.al_writes == 2
         assert list(store.al) == [0, 1]
         slot = pread(md_loc(node)[0], AL_SLOT, al_slot_off(node, store.al_seq))
@@ -506,8 +506,8 @@ def test_activity_writes_transaction(created):
 def test_unclean_shutdown_marks_al_extents(created, was_primary):
     cfg, node = created
     store = open_store(cfg, node)
-    store.activity(0, 4096, epoch=1, oldest_unacked=1)
-    store.activity(2 * AL_EXTENT + 10, 100, epoch=1, oldest_unacked=1)
+    store.activity(0, 4096, epoch=1, oldest_unacked=lambda: 1)
+    store.activity(2 * AL_EXTENT + 10, 100, epoch=1, oldest_unacked=lambda: 1)
     store.gen.current = 0x10
     store.save_state(disk_state=DiskState.UP_TO_DATE, was_primary=was_primary)
     store.close()  # crash: no clean_shutdown
@@ -534,8 +534,8 @@ def test_unclean_shutdown_marks_al_extents(created, was_primary):
 def test_torn_newest_al_slot_falls_back(created):
     cfg, node = created
     store = open_store(cfg, node)
-    store.activity(0, 4096, epoch=1, oldest_unacked=1)               # seq 1: [0]
-    store.activity(3 * AL_EXTENT, 4096, epoch=1, oldest_unacked=1)   # seq 2: [0, 3]
+    store.activity(0, 4096, epoch=1, oldest_unacked=lambda: 1)               # seq 1: [0]
+    store.activity(3 * AL_EXTENT, 4096, epoch=1, oldest_unacked=lambda: 1)   # seq 2: [0, 3]
     seq = store.al_seq
     store.close()
     path = md_loc(node)[0]
@@ -553,8 +553,8 @@ def test_torn_newest_al_slot_falls_back(created):
 def test_torn_al_slot_any_field(created, where):
     cfg, node = created
     store = open_store(cfg, node)
-    store.activity(AL_EXTENT, 1, epoch=1, oldest_unacked=1)          # seq 1: [1]
-    store.activity(4 * AL_EXTENT, 1, epoch=1, oldest_unacked=1)      # seq 2: [1, 4]
+    store.activity(AL_EXTENT, 1, epoch=1, oldest_unacked=lambda: 1)          # seq 1: [1]
+    store.activity(4 * AL_EXTENT, 1, epoch=1, oldest_unacked=lambda: 1)      # seq 2: [1, 4]
     seq = store.al_seq
     store.close()
     flip(md_loc(node)[0], al_slot_off(node, seq) + where)
@@ -571,7 +571,7 @@ def test_al_ring_wraps(created):
     store.al_limit = 1
     for i in range(AL_SLOTS + 5):
         # disconnected: everything is acknowledged, each new extent evicts the previous
-        store.activity((i % 10) * AL_EXTENT, 1, epoch=i + 1, oldest_unacked=1 << 62)
+        store.activity((i % 10) * AL_EXTENT, 1, epoch=i + 1, oldest_unacked=lambda: 1 << 62)
     last = ((AL_SLOTS + 4) % 10)
     assert list(store.al) == [last]
     store.close()
@@ -587,7 +587,7 @@ def test_clean_shutdown_restores_bitmap_exactly(setup):
     cfg, node = setup
     create_md(cfg, node)
     store = open_store(cfg, node)
-    store.activity(5 * AL_EXTENT, 4096, epoch=1, oldest_unacked=1)
+    store.activity(5 * AL_EXTENT, 4096, epoch=1, oldest_unacked=lambda: 1)
     rng = np.random.default_rng(1)
     for _ in range(40):
         off = int(rng.integers(0, store.data_size))
@@ -610,7 +610,7 @@ def test_clean_shutdown_restores_bitmap_exactly(setup):
 def test_clean_shutdown_with_no_bits_marks_nothing(created):
     cfg, node = created
     store = open_store(cfg, node)
-    store.activity(0, 4096, epoch=1, oldest_unacked=1)
+    store.activity(0, 4096, epoch=1, oldest_unacked=lambda: 1)
     store.clean_shutdown(was_primary=False)
     store.close()
     store = open_store(cfg, node)
@@ -676,11 +676,11 @@ def test_eviction_flushes_evicted_extent(created):
     try:
         store.al_limit = 2
         store.bitmap.set_range(0, 2 * BLOCK)               # bits in extent 0, memory only
-        store.activity(0, 4096, epoch=1, oldest_unacked=1)
-        store.activity(AL_EXTENT, 4096, epoch=2, oldest_unacked=1)
+        store.activity(0, 4096, epoch=1, oldest_unacked=lambda: 1)
+        store.activity(AL_EXTENT, 4096, epoch=2, oldest_unacked=lambda: 1)
         assert int(ondisk_words(node)[0]) == 0              # not yet persisted
         writes = store.bitmap_writes
-        store.activity(2 * AL_EXTENT, 4096, epoch=3, oldest_unacked=2)  # epoch 1 acked
+        store.activity(2 * AL_EXTENT, 4096, epoch=3, oldest_unacked=lambda: 2)  # epoch 1 acked
         assert list(store.al) == [1, 2]
         assert int(ondisk_words(node)[0]) == 0b11
         assert store.bitmap_writes == writes + 1
@@ -698,11 +698,11 @@ def test_no_eviction_of_unacknowledged_extents(created):
     store = open_store(cfg, node)
     try:
         store.al_limit = 1
-        store.activity(0, 4096, epoch=5, oldest_unacked=5)
-        store.activity(AL_EXTENT, 4096, epoch=5, oldest_unacked=5)
-        store.activity(2 * AL_EXTENT, 4096, epoch=6, oldest_unacked=5)
+        store.activity(0, 4096, epoch=5, oldest_unacked=lambda: 5)
+        store.activity(AL_EXTENT, 4096, epoch=5, oldest_unacked=lambda: 5)
+        store.activity(2 * AL_EXTENT, 4096, epoch=6, oldest_unacked=lambda: 5)
         assert list(store.al) == [0, 1, 2]  # soft limit: nothing acknowledged yet
-        store.activity(3 * AL_EXTENT, 4096, epoch=7, oldest_unacked=7)
+        store.activity(3 * AL_EXTENT, 4096, epoch=7, oldest_unacked=lambda: 7)
         assert list(store.al) == [3]
     finally:
         store.close()
@@ -713,10 +713,10 @@ def test_eviction_is_lru(created):
     store = open_store(cfg, node)
     try:
         store.al_limit = 2
-        store.activity(0, 1, epoch=1, oldest_unacked=1)
-        store.activity(AL_EXTENT, 1, epoch=1, oldest_unacked=1)
-        store.activity(0, 1, epoch=2, oldest_unacked=1)     # extent 0 used again
-        store.activity(2 * AL_EXTENT, 1, epoch=3, oldest_unacked=3)
+        store.activity(0, 1, epoch=1, oldest_unacked=lambda: 1)
+        store.activity(AL_EXTENT, 1, epoch=1, oldest_unacked=lambda: 1)
+        store.activity(0, 1, epoch=2, oldest_unacked=lambda: 1)     # extent 0 used again
+        store.activity(2 * AL_EXTENT, 1, epoch=3, oldest_unacked=lambda: 3)
         assert list(store.al) == [0, 2]                     # extent 1 was least recent
     finally:
         store.close()
@@ -729,7 +729,7 @@ def test_more_active_extents_than_one_transaction_holds(tmp_path):
     create_md(cfg, node)
     store = open_store(cfg, node)
     # one epoch, nothing acknowledged: no extent can leave the AL
-    store.activity(0, n * AL_EXTENT, epoch=1, oldest_unacked=1)
+    store.activity(0, n * AL_EXTENT, epoch=1, oldest_unacked=lambda: 1)
     # one transaction holds AL_MAX_PER_SLOT extents; the oldest left, marked out of sync
     assert len(store.al) == meta.AL_MAX_PER_SLOT
     assert store.bitmap.test(0) and store.bitmap.test(AL_EXTENT)
@@ -776,7 +776,7 @@ def test_initial_disk_state(created, stored, current, was_primary, expected, cle
 def test_dump_md(created):
     cfg, node = created
     store = open_store(cfg, node)
-    store.activity(AL_EXTENT, 1, epoch=1, oldest_unacked=1)
+    store.activity(AL_EXTENT, 1, epoch=1, oldest_unacked=lambda: 1)
     store.bitmap.set_range(0, 3 * BLOCK)
     store.flush_bitmap()
     store.gen.current = 0xABC0

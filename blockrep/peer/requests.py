@@ -10,7 +10,9 @@ no peer), like DRBD's `__req_mod`. The completion rule of protocol C and the lin
     a request completes when its local part AND its peer part are done;
     a range the peer may lack (negative ack, link lost, no link) is marked out of sync
     before the request can complete; on link loss every range still in the transfer log
-    (acked but not yet covered by a barrier ack) is marked too.
+    (acked but not yet covered by a barrier ack) is marked too;
+    while I/O is suspended (`hold`, the fencing shell's decision) completed requests are
+    not answered until `release`.
 
 Also owns `RangeSet`, the one type that answers every "do these ranges overlap" question
 (local writes landing in threads, the secondary's applier, resync and verify requests in
@@ -118,6 +120,7 @@ class TransferLog:
         self.tl: dict[int, list] = {}  # epoch -> flat [offset, length, ...] sent to the peer
         self.barrier_waiters: dict[int, list[Req]] = {}  # epoch -> FLUSHes waiting for it
         self.barrier_sent_at: dict[int, float] = {}
+        self.held: list[Req] | None = None  # answers held while I/O is suspended (hold)
 
     # -- the one function -------------------------------------------------------------------
     def mod(self, req: Req, ev: int, err: int = 0) -> None:
@@ -150,9 +153,26 @@ class TransferLog:
             raise ValueError(f"unknown request event {ev}")
         if not s & (LOCAL_PENDING | PEER_PENDING | COMPLETED):
             req.state = s | COMPLETED
-            req.cb(req.cookie, req.err)
+            if self.held is None:
+                req.cb(req.cookie, req.err)
+            else:
+                self.held.append(req)  # I/O suspended: answered by release()
         else:
             req.state = s
+
+    # -- suspended I/O (fencing) -------------------------------------------------------------
+    def hold(self) -> None:
+        """From now on a completed request's answer is held (its state and bits are
+        decided as usual); `release` gives the held answers, in completion order."""
+        if self.held is None:
+            self.held = []
+
+    def release(self) -> int:
+        """Give every held answer and stop holding; returns how many there were."""
+        held, self.held = self.held, None
+        for req in held or ():
+            req.cb(req.cookie, req.err)
+        return len(held or ())
 
     # -- sending ----------------------------------------------------------------------------
     def sent(self, req: Req) -> int:

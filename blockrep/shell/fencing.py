@@ -15,8 +15,10 @@ not make sure its peer will not be promoted acknowledges nothing. Once the peer'
 UpToDate again (a resync finished, or a connect without one), `unfence-peer` runs. Handlers
 run through shell/handlers.py (environment, timeout).
 
-Owns: the suspended state, the held completions (FencedTarget wraps the replicator's
-Target, shell/target.py), the fence-peer exit-code contract.
+Owns: the suspended state (when client I/O is suspended and resumed), the fence-peer
+exit-code contract. The held answers themselves are the request core's
+(`TransferLog.hold` / `release`, blockrep.peer.requests): every write-type request completes
+there, so nothing needs wrapping and an unsuspended write pays nothing for fencing.
 Must not: decide roles or sync direction (node.py does).
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
 
 from ..state import DiskState, Role
 
@@ -39,7 +40,7 @@ class Fencer:
         self.node = node
         self.cfg = node.cfg
         self.suspended = False
-        self.held: list = []  # (callback, args) of completions held while suspended
+        self.tl = node.replicator.log  # holds the answers while I/O is suspended
         self.task: asyncio.Task | None = None
         self.last: dict | None = None  # the last fence/unfence handler run, for status
         self.failed = False  # resource-and-stonith: the handler failed, I/O stays suspended
@@ -47,19 +48,6 @@ class Fencer:
     @property
     def enabled(self) -> bool:  # read each time: `adjust` may change the policy
         return self.cfg.fencing in ("resource-only", "resource-and-stonith")
-
-    # -- the client-completion gate --------------------------------------------------------
-    def target(self, inner):
-        """The Target the NBD server submits to: a FencedTarget that holds its completions
-        while I/O is suspended (always wrapped: `adjust` may turn fencing on)."""
-        return FencedTarget(self, inner)
-
-    def complete(self, cb, cookie, err) -> None:
-        """A request's answer: passed on, or held while I/O is suspended."""
-        if self.suspended:
-            self.held.append((cb, (cookie, err)))
-        else:
-            cb(cookie, err)
 
     # -- peer loss / peer back ----------------------------------------------------------------
     def must_fence(self) -> bool:
@@ -73,6 +61,7 @@ class Fencer:
     def suspend(self) -> None:
         if not self.suspended:
             self.suspended = True
+            self.tl.hold()
             log.warning("peer lost while Primary: client I/O suspended until the "
                         "fence-peer handler returns")
             self.node.emit("io-suspended", reason="fencing")
@@ -119,11 +108,10 @@ class Fencer:
             return
         self.suspended = False
         self.failed = False
-        held, self.held = self.held, []
-        log.warning("client I/O resumed (%d held completion(s) released)", len(held))
-        self.node.emit("io-resumed", released=len(held))
-        for cb, args in held:
-            cb(*args)
+        n = len(self.tl.held or ())
+        log.warning("client I/O resumed (%d held completion(s) released)", n)
+        self.node.emit("io-resumed", released=n)
+        self.tl.release()
 
     def peer_up_to_date(self) -> None:
         """The peer's disk is UpToDate again: remove the fencing constraint."""
@@ -140,26 +128,7 @@ class Fencer:
 
     def status(self) -> dict:
         d = {"policy": self.cfg.fencing, "io_suspended": self.suspended,
-             "held_completions": len(self.held), "last_handler": self.last}
+             "held_completions": len(self.tl.held or ()), "last_handler": self.last}
         if self.failed:
             d["fence_failed"] = True
         return d
-
-
-class FencedTarget:
-    """A Target (shell/target.py) delegating to the replicator's: requests run as usual,
-    but write/trim/zero/flush answers are held while the Fencer has client I/O suspended."""
-
-    def __init__(self, fencer: Fencer, inner):
-        self.fencer = fencer
-        self.inner = inner
-        self.holds_data = inner.holds_data
-
-    def submit(self, kind, offset, length, data, fua, may_trim, fast_zero, cb, cookie):
-        fencer = self.fencer
-        err = self.inner.submit(kind, offset, length, data, fua, may_trim, fast_zero,
-                                partial(fencer.complete, cb), cookie)
-        if err is None or not fencer.suspended:
-            return err
-        fencer.held.append((cb, (cookie, err)))  # completed inline while suspended: held
-        return None

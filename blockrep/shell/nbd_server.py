@@ -476,27 +476,27 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
 
     def _completed_cb(self, key, err):
         """A target's answer: errno (0 = done) for the request `key` = (cookie, bytes)."""
-        self._completed(key[0], key[1], err and nbd_errno(err))
-
-    def _completed_timed(self, key, err):
-        """The answer to a timed request: `key` = (cookie, bytes, kind, start)."""
-        self._stats.by_kind[key[2]].observe(_now() - key[3])
-        self._completed(key[0], key[1], err and nbd_errno(err))
-
-    def _completed(self, cookie, n, err):
         self._inflight -= 1
+        n = key[1]
+        if err:
+            err = nbd_errno(err)
         if n:
             if not err:
                 self._stats.written_bytes += n
-            if not self._lost:
+            if not self._lost:  # completions still due do not count twice (nbd_session)
                 self._wbytes -= n
                 self.server.inflight_bytes -= n
-        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, key[0]))
         if not self._complete_scheduled:  # coalesce replies completed in one loop step
             self._complete_scheduled = True
             self._loop.call_soon(self._flush_completed)
         if self._idle is not None:
             self._wake_idle()
+
+    def _completed_timed(self, key, err):
+        """The answer to a timed request: `key` = (cookie, bytes, kind, start)."""
+        self._stats.by_kind[key[2]].observe(_now() - key[3])
+        self._completed_cb(key, err)
 
     def _flush_completed(self):
         self._complete_scheduled = False

@@ -75,7 +75,7 @@ class NbdSession:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
-        if self._wbytes:  # completions still due do not count twice (see _completed)
+        if self._wbytes:  # completions still due do not count twice (see _completed_cb)
             server.inflight_bytes -= self._wbytes
             self._wbytes = 0
             if server.throttled:  # they may have waited for these bytes only

@@ -148,7 +148,7 @@ class Node:
             lambda: PeerLink(self, outbound=False), host, port, reuse_address=True))
         export = make_export(self.me.export, self.size,
                              description=f"blockrep resource {self.cfg.name} on {self.name}")
-        target = self.fencer.target(self.replicator)  # holds answers while fencing
+        target = self.replicator  # its request core holds the answers while fencing
         self.nbd = NbdServer(self.disk, export, target=target, executor=self.executor,
                              limits=NbdLimits(handshake_timeout=self.cfg.nbd_handshake_timeout,
                                               busy_poll_us=self.cfg.busy_poll),
@@ -421,13 +421,6 @@ class Node:
         """Bits were cleared (resync progress): persist them now and then, off the loop."""
         if self.store is not None and self.store.bitmap_flush_due():
             self.bitmap_writer.flush()
-
-    def note_local_write(self, offset: int, length: int) -> None:
-        """Before a local write as Primary: the activity log must cover its extents."""
-        if self.store is not None:
-            r, tl = self.replicator, self.replicator.log
-            oldest = tl.oldest_unacked_epoch(self.replicating_link() is not None)
-            self.store.activity(offset, length, tl.epoch, oldest, r.local_busy)
 
     # -- state setters: each logs the change once and emits one event -----------------------
     def set_role(self, new: Role) -> None:

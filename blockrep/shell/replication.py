@@ -128,6 +128,10 @@ class Replicator:
         self._start(req, data, fua, may_trim, fast_zero)
         return None
 
+    def oldest_unacked(self) -> int:
+        """The oldest epoch the peer may lack: the activity log keeps its extents."""
+        return self.log.oldest_unacked_epoch(self.node.replicating_link() is not None)
+
     def landing(self, offset: int, length: int) -> bool:
         """Is a write to this range still landing on the local disk (in a thread)?"""
         return bool(self.local_busy and self.local_busy.overlaps(offset, length) or
@@ -147,10 +151,11 @@ class Replicator:
                 fut.set_result(None)
 
     def _conflicts(self, offset: int, length: int) -> bool:
-        if self.landing(offset, length):
-            return True
-        rs = self.node.resync_source
-        return rs is not None and rs.inflight.overlaps(offset, length)
+        """Must a request to this range wait: is a write to it landing locally (`landing`,
+        spelled out: this runs for every write) or a resync request for it in flight?"""
+        lb, ab, rs = self.local_busy, self.applier_busy, self.node.resync_source
+        return bool(lb and lb.overlaps(offset, length) or ab and ab.overlaps(offset, length)
+                    or rs is not None and rs.inflight.overlaps(offset, length))
 
     def drain_waiting(self) -> None:
         """Start the held-back writes, in arrival order, as far as conflicts allow."""
@@ -168,8 +173,10 @@ class Replicator:
     def _start(self, req: Req, data, fua, may_trim, fast_zero) -> None:
         node = self.node
         kind, offset, length = req.kind, req.offset, req.length
-        try:
-            node.note_local_write(offset, length)  # activity log first (may write metadata)
+        try:  # the activity log covers the extents first (may write metadata)
+            if node.store is not None:
+                node.store.activity(offset, length, self.log.epoch, self.oldest_unacked,
+                                    self.local_busy)
         except OSError as exc:
             log.error("activity-log write before %s at %d+%d failed: %s; answering EIO",
                       KIND_NAMES[kind], offset, length, exc)

@@ -87,6 +87,37 @@ def test_link_loss_marks_the_transfer_log_before_completing():
     assert not tl.pending and not tl.tl and not tl.barrier_waiters
 
 
+def test_held_answers_wait_for_release_marked_first_in_completion_order():
+    """Suspended I/O (fencing): completions decided while held are answered by release
+    only, in the order they completed, each once; link-loss bits are set before."""
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    a, b = Req(WRITE, 0, 4096, r.cb, 1), Req(WRITE, 8192, 4096, r.cb, 2)
+    for req in (a, b):
+        tl.sent(req)
+    tl.mod(a, LOCAL_DONE)
+    tl.hold()
+    tl.link_lost()  # a completes (its local part is done), b waits for its local part
+    tl.hold()  # a second hold keeps what is held
+    assert not r.completed and tl.held == [a]
+    late = Req(WRITE, 65536, 512, r.cb, 3)
+    tl.mod(late, NO_PEER)
+    tl.mod(late, LOCAL_DONE)
+    tl.mod(b, LOCAL_DONE)
+    assert not r.completed and tl.held == [a, late, b]
+    order = []
+    for req in (a, late, b):
+        req.cb = lambda cookie, err: (order.append(cookie), r.cb(cookie, err))
+    assert tl.release() == 3 and order == [1, 3, 2]
+    assert r.completed[1] == (0, [(0, 4096), (8192, 4096), (0, 4096), (8192, 4096),
+                                  (65536, 512)])
+    assert tl.held is None and tl.release() == 0
+    after = Req(WRITE, 0, 1, r.cb, 4)
+    tl.mod(after, NO_PEER)
+    tl.mod(after, LOCAL_DONE)
+    assert 4 in r.completed  # not held any more
+
+
 def test_failed_local_part_before_sending_completes_at_once_with_the_error():
     r = Recorder()
     tl = TransferLog(r.mark)
