@@ -271,10 +271,23 @@ static PyObject *py_parse_header(PyObject *self, PyObject *const *args, Py_ssize
     PyBuffer_Release(&buf);
     if (get_be(h, 4) != LINK_MAGIC || ~crc_raw(0xFFFFFFFFu, h, 36) != get_be(h + 36, 4))
         Py_RETURN_NONE;
-    return Py_BuildValue("(IIKKIII)", (unsigned int)get_be(h + 4, 2),
-                         (unsigned int)get_be(h + 6, 2), (unsigned long long)get_be(h + 8, 8),
-                         (unsigned long long)get_be(h + 16, 8), (unsigned int)get_be(h + 24, 4),
-                         (unsigned int)get_be(h + 28, 4), (unsigned int)get_be(h + 32, 4));
+    PyObject *t = PyTuple_New(7);
+    if (!t)
+        return NULL;
+    int pos_in = 4;
+    for (int i = 0; i < 7; i++) {
+        int w = frame_widths[i];
+        uint64_t v = get_be(h + pos_in, w);
+        PyObject *o = w == 8 ? PyLong_FromUnsignedLongLong(v)
+                             : PyLong_FromUnsignedLong((unsigned long)v);
+        if (!o) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, o);
+        pos_in += w;
+    }
+    return t;
 }
 
 static PyObject *py_crc32c_blocks(PyObject *self, PyObject *args) {

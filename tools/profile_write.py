@@ -14,11 +14,14 @@ this runs on the system Python) and prints, for the Primary and the Secondary:
                     writes) under cProfile, their difference divided by N, so start-up and
                     shutdown cancel out; saved as PREFIX.NODE.json; --diff OTHER_PREFIX
                     prints a saved profile beside it (e.g. the baseline's)
+  --wrap opcodes    bytecodes executed per write, function by function (sys.settrace with
+                    f_trace_opcodes; exact), the same two runs and --diff
 
     tools/profile_write.py --wrap callgrind -n 1000                 # this checkout
     tools/profile_write.py --wrap callgrind -n 1000 --root /work/base
     tools/profile_write.py --wrap cprofile --root /work/base --out /tmp/pw-base
     tools/profile_write.py --wrap cprofile --out /tmp/pw-now --diff /tmp/pw-base
+    tools/profile_write.py --wrap opcodes -n 300 --root /work/base --out /tmp/op-base
 
 Not a benchmark: nothing is compared against a time (tools/bench does that).
 """
@@ -65,6 +68,34 @@ def sched_cpu(pid: int) -> float:
     return total / 1e9
 
 
+# `python -c OPCODES OUT up CONFIG --node NODE`: blockrep run with every bytecode counted by
+# function (sys.settrace with f_trace_opcodes), written to OUT as JSON at exit
+OPCODES = r"""
+import atexit, json, runpy, sys, threading
+out = sys.argv[1]
+counts = {}
+def local(frame, event, arg):
+    if event == "opcode":
+        k = frame.f_code
+        counts[k] = counts.get(k, 0) + 1
+    return local
+def tracer(frame, event, arg):
+    frame.f_trace_opcodes = True
+    frame.f_trace_lines = False
+    return local
+def dump():
+    sys.settrace(None)
+    with open(out, "w") as f:
+        json.dump({f"{c.co_filename.rsplit('/', 1)[-1]}:{c.co_firstlineno}:{c.co_name}": n
+                   for c, n in counts.items()}, f)
+atexit.register(dump)
+sys.argv = ["blockrep"] + sys.argv[2:]
+threading.settrace(tracer)
+sys.settrace(tracer)
+runpy.run_module("blockrep", run_name="__main__", alter_sys=True)
+"""
+
+
 class Pair(LoopbackPair):
     """The loopback pair, its `up` processes optionally wrapped (valgrind runs the program
     in its own process, so the PID is the node's either way)."""
@@ -79,6 +110,8 @@ class Pair(LoopbackPair):
             return argv
         if self.wrap == "cprofile":
             return [argv[0], "-m", "cProfile", "-o", f"{self.out}.{node}.prof"] + argv[1:]
+        if self.wrap == "opcodes":
+            return [argv[0], "-c", OPCODES, f"{self.out}.{node}.ops.json", *argv[3:]]
         return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}.{node}.cg",
                 *argv]
 
@@ -86,9 +119,9 @@ class Pair(LoopbackPair):
 def run(args, n: int, wrap: str, out: str) -> dict:
     """One pair, `args.warmup` + n writes; CPU per write of each node over the n."""
     root = os.path.abspath(args.root)
-    slow = wrap == "callgrind"
+    slow = wrap in ("callgrind", "opcodes")
     resource = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.resource)}
-    if slow:  # valgrind runs the nodes ~30x slower: no liveness timeouts
+    if slow:  # valgrind or tracing runs the nodes ~30x slower: no liveness timeouts
         resource.setdefault("ping-interval", 10)
         resource.setdefault("timeout", 60)
     d = tempfile.mkdtemp(prefix="profile-write-")
@@ -108,7 +141,7 @@ def run(args, n: int, wrap: str, out: str) -> dict:
         for off in offsets[:args.warmup]:
             h.pwrite(buf, off)
         pids = {node: pair.procs[node].pid for node in NODES}
-        if slow:
+        if wrap == "callgrind":
             for pid in pids.values():
                 subprocess.run(["callgrind_control", "-d", "start", str(pid)], check=True,
                                capture_output=True)
@@ -118,7 +151,7 @@ def run(args, n: int, wrap: str, out: str) -> dict:
             h.pwrite(buf, off)
         wall = time.perf_counter() - t0
         c1 = {node: (proc_cpu(p), sched_cpu(p)) for node, p in pids.items()}
-        if slow:
+        if wrap == "callgrind":
             for pid in pids.values():
                 subprocess.run(["callgrind_control", "-d", "writes", str(pid)], check=True,
                                capture_output=True)
@@ -131,7 +164,7 @@ def run(args, n: int, wrap: str, out: str) -> dict:
     for node in NODES:
         res[node] = {"cpu_us": (c1[node][0] - c0[node][0]) / n * 1e6,
                      "sched_us": (c1[node][1] - c0[node][1]) / n * 1e6}
-        if slow:
+        if wrap == "callgrind":
             res[node]["ir"] = callgrind_writes(f"{out}.{node}.cg") / n
     return res
 
@@ -166,6 +199,16 @@ def per_write(path_a: str, path_b: str, n: int) -> dict:
             for k in set(a) | set(b)}
 
 
+def per_write_ops(path_a: str, path_b: str, n: int) -> dict:
+    """Bytecodes per write by function, as per_write's [count, count] (the same figure in
+    both columns: the count is exact, there is no time)."""
+    with open(path_a) as f:
+        a = json.load(f)
+    with open(path_b) as f:
+        b = json.load(f)
+    return {k: [(b.get(k, 0) - a.get(k, 0)) / n] * 2 for k in set(a) | set(b)}
+
+
 def print_profile(now: dict, other: dict | None, top: int) -> None:
     def short(k):  # the same function in two checkouts sits on different lines
         parts = k.split(":")
@@ -186,9 +229,9 @@ def print_profile(now: dict, other: dict | None, top: int) -> None:
     if other is not None:
         head += f" | {'calls':>6} {'us':>6}  (other)"
         tot_o = sum(v[0] for v in other.values())
-        print(f"  calls per write: {tot:.1f} (other {tot_o:.1f})")
+        print(f"  total per write: {tot:.1f} (other {tot_o:.1f})")
     else:
-        print(f"  calls per write: {tot:.1f}")
+        print(f"  total per write: {tot:.1f}")
     print("  " + head)
     for k in keys[:top]:
         c, t = now.get(k, [0, 0])
@@ -202,7 +245,7 @@ def print_profile(now: dict, other: dict | None, top: int) -> None:
                    set(now) | set(other)]
         changed = [c for c in changed if abs(c[1] - c[2]) >= 0.05]
         changed.sort(key=lambda c: -(abs(c[1] - c[2])))
-        print("  calls per write that differ (now, other):")
+        print("  counts per write that differ (now, other):")
         for k, a, b in changed[:top]:
             print(f"    {k[:64]:<64} {a:6.2f} {b:6.2f}")
 
@@ -214,7 +257,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--size", type=int, default=1 << 30, help="device size (bytes)")
     ap.add_argument("--bs", type=int, default=4096)
-    ap.add_argument("--wrap", choices=("none", "cprofile", "callgrind"), default="none")
+    ap.add_argument("--wrap", choices=("none", "cprofile", "callgrind", "opcodes"),
+                    default="none")
     ap.add_argument("--out", default="/tmp/profile_write", help="prefix of profile files")
     ap.add_argument("--diff", metavar="PREFIX", help="with cprofile: a saved profile to "
                                                      "print beside this one")
@@ -225,7 +269,7 @@ def main() -> int:
     args = ap.parse_args()
     print(f"checkout {os.path.abspath(args.root)}: {args.n} random writes of {args.bs} B at "
           f"QD1 after {args.warmup}, wrap={args.wrap}")
-    if args.wrap != "cprofile":
+    if args.wrap in ("none", "callgrind"):
         res = run(args, args.n, args.wrap, args.out)
         print(f"  wall {res['wall_us']:.0f} us/write (noisy)")
         for node in NODES:
@@ -235,17 +279,22 @@ def main() -> int:
                   f"sched {r['sched_us']:7.1f} us/write{ir}")
         return 0
     for k, n in (("a", args.n), ("b", 2 * args.n)):
-        run(args, n, "cprofile", f"{args.out}-{k}")
+        run(args, n, args.wrap, f"{args.out}-{k}")
     for node in NODES:
-        prof = per_write(f"{args.out}-a.{node}.prof", f"{args.out}-b.{node}.prof", args.n)
+        if args.wrap == "opcodes":
+            prof = per_write_ops(f"{args.out}-a.{node}.ops.json",
+                                 f"{args.out}-b.{node}.ops.json", args.n)
+        else:
+            prof = per_write(f"{args.out}-a.{node}.prof", f"{args.out}-b.{node}.prof", args.n)
         with open(f"{args.out}.{node}.json", "w") as f:
             json.dump(prof, f)
         other = None
         if args.diff:
             with open(f"{args.diff}.{node}.json") as f:
                 other = json.load(f)
-        print(f"\n== {ROLES[node]} ({node}): per write, under cProfile (tottime inflated by "
-              f"the profiler, roughly per call)")
+        what = ("bytecodes executed, by function (both columns)" if args.wrap == "opcodes"
+                else "calls and tottime under cProfile (inflated by the profiler)")
+        print(f"\n== {ROLES[node]} ({node}): per write, {what}")
         print_profile(prof, other, args.top)
     return 0
 

@@ -500,10 +500,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
 
     def _flush_completed(self):
         self._complete_scheduled = False
-        if not self.transport.is_closing():
-            self._flush_out()
-        else:
-            self._out.clear()
+        self._flush_out()  # (dropped if the transport is closing)
         if self._held:
             self._maybe_resume()
         srv = self.server
