@@ -94,6 +94,10 @@ def test_metrics_and_drbd_status_follow_writes_disconnect_and_resync(cluster):
     qemu_io(uri, *[f"write -P 0x5a {i * 4 * KiB} 4k" for i in range(64)],
             *[f"read -P 0x5a {i * 4 * KiB} 4k" for i in range(32)])
     a2, b2 = Scrape(ports["alpha"]), Scrape(ports["beta"])
+    print("\n/metrics of the Primary after 64 writes and 32 reads (excerpt: no buckets, "
+          "no HELP/TYPE):\n" + "\n".join(
+              line for line in a2.text.splitlines()
+              if line.startswith("blockrep_") and "_bucket{" not in line)[:6000])
     wrote = 64 * 4 * KiB
     assert a2.get("blockrep_device_written_bytes_total") - \
         a.get("blockrep_device_written_bytes_total") >= wrote
