@@ -72,6 +72,7 @@ F_LAST = 1 << 5   # on BITMAP: the sender's bitmap is complete (no payload)
 F_LZ4 = 1 << 6    # on DATA/RS_DATA: payload lz4-compressed (blockrep.peer.compress)
 F_ZSTD = 1 << 7   # on DATA/RS_DATA: payload zstd-compressed
 F_RECV = 1 << 8   # on DATA/TRIM/ZERO: answer P_RECV_ACK on receipt (protocol B)
+F_RUNS = 1 << 10  # on RS_DATA: many small runs in one packet (run table, then their data)
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
 DATA_TYPES = frozenset({P.DATA, P.RS_DATA})
@@ -79,6 +80,50 @@ DATA_TYPES = frozenset({P.DATA, P.RS_DATA})
 
 class LinkProtocolError(Exception):
     """The peer sent something that breaks the link protocol."""
+
+
+# -- batched resync data (F_RUNS): u32 count, count x (u64 offset, u32 length), then the runs'
+# data back to back; the runs ascend and do not overlap. One packet, one CRC, one ack for
+# up to MAX_RUNS small runs (a resync of scattered 4 KiB blocks is otherwise a packet each)
+MAX_RUNS = 1024
+_COUNT = struct.Struct(">I")
+_RUN = struct.Struct(">QI")
+
+
+def runs_table_size(n: int) -> int:
+    return _COUNT.size + n * _RUN.size
+
+
+def pack_runs_table(buf, runs) -> int:
+    """Write the run table for `runs` at the start of buf; returns where the data goes."""
+    _COUNT.pack_into(buf, 0, len(runs))
+    pos = _COUNT.size
+    for off, ln in runs:
+        _RUN.pack_into(buf, pos, off, ln)
+        pos += _RUN.size
+    return pos
+
+
+def parse_runs(payload, disk_size: int) -> tuple[list[tuple[int, int]], int]:
+    """An F_RUNS payload -> (runs, offset of their data in it); LinkProtocolError for a
+    table that is malformed, out of order, outside the disk or not matching the data."""
+    if len(payload) < _COUNT.size:
+        raise LinkProtocolError("batched resync data without a run table")
+    (n,) = _COUNT.unpack_from(payload, 0)
+    base = runs_table_size(n)
+    if not 1 <= n <= MAX_RUNS or len(payload) < base:
+        raise LinkProtocolError(f"batched resync data: bad run count {n}")
+    runs = list(_RUN.iter_unpack(payload[_COUNT.size:base]))
+    end = total = 0
+    for off, ln in runs:
+        if ln == 0 or off < end or off + ln > disk_size:
+            raise LinkProtocolError("batched resync data: runs empty, out of order or "
+                                    "past the end of the disk")
+        end = off + ln
+        total += ln
+    if total != len(payload) - base:
+        raise LinkProtocolError("batched resync data: the runs do not match the data")
+    return runs, base
 
 
 # The 40-byte header of one packet, its checksum included, built (frame: the hot-path

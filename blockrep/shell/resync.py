@@ -40,6 +40,9 @@ from .buffers import BufferPool
 log = logging.getLogger("blockrep.resync")
 
 CHUNK = 1 << 20  # bytes per resync request
+BATCH_RUN = 64 * 1024  # runs shorter than this travel batched (F_RUNS) ...
+BATCH_RUNS = 256  # ... up to this many in one request ...
+BATCH_SPAN = 4 << 20  # ... within this many bytes of the disk (the range writes wait on)
 APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
 APP_BUSY_BYTES = 32 * 1024  # application bytes per 100 ms that make c-min-rate apply
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
@@ -94,7 +97,9 @@ class ResyncSource:
         self.throttled = 0  # times c-min-rate held the resync back
         self._adjusted = 0.0
         self.inflight = RangeSet()  # pid -> (offset, length) sent, not yet acknowledged
-        self.next_id = 1
+        self.batches: dict[int, list[tuple[int, int]]] = {}  # pid -> its runs (F_RUNS)
+        self.batched_runs = 0  # runs that travelled in F_RUNS requests
+        self.next_id = self.first_id = 1
         self.wake = asyncio.Event()
         self.progress = Progress(self.bitmap.count_bytes(), node.loop.time())
         self.cancelled = False
@@ -113,7 +118,7 @@ class ResyncSource:
         sent_for_rate = 0
         while True:
             busy = False
-            for off, ln in self.bitmap.byte_runs(CHUNK):  # found window by window
+            for runs, ln in self._requests():  # found window by window
                 while not self.cancelled and not link.closed and (
                         len(self.inflight) >= self._window() or link.congested
                         or self.inflight_bytes >= self.fill_target()):
@@ -131,10 +136,14 @@ class ResyncSource:
                     if self.cancelled or link.closed:
                         return False
                     sent_for_rate += ln
-                if node.replicator.landing(off, ln):
+                landing = node.replicator.landing
+                todo = [r for r in runs if not landing(*r)]
+                if len(todo) < len(runs):
                     busy = True  # an application write is landing there: next pass
-                    continue
-                self._send_one(off, ln)
+                if len(todo) == 1:
+                    self._send_one(*todo[0])
+                elif todo:
+                    self._send_runs(todo)
             while self.inflight and not self.cancelled and not link.closed:
                 self.wake.clear()
                 await self.wake.wait()
@@ -213,6 +222,65 @@ class ResyncSource:
             self.cur_window = min(self.cur_window, self.window)  # adjust may lower it
         return self.cur_window
 
+    def _requests(self):
+        """The bitmap's runs as requests -> (runs, bytes): a run of BATCH_RUN or more alone
+        (at most CHUNK), shorter ones gathered (up to BATCH_RUNS runs, CHUNK bytes of data,
+        BATCH_SPAN of the disk); checksum mode sends every run alone."""
+        runs: list[tuple[int, int]] = []
+        size = start = 0
+        for off, ln in self.bitmap.byte_runs(CHUNK):
+            if ln >= BATCH_RUN or self.csum:
+                if runs:
+                    yield runs, size
+                    runs = []
+                yield [(off, ln)], ln
+                continue
+            if runs and (len(runs) >= BATCH_RUNS or size + ln > CHUNK
+                         or off + ln - start > BATCH_SPAN):
+                yield runs, size
+                runs = []
+            if not runs:
+                start, size = off, 0
+            runs.append((off, ln))
+            size += ln
+        if runs:
+            yield runs, size
+
+    def _send_runs(self, runs: list[tuple[int, int]]) -> None:
+        """Small runs in one F_RUNS packet: read in an I/O thread, acknowledged as one.
+        Application writes to the batch's span (first run to last) wait for the ack, as
+        for a single request's range (DRBD's resync extents: a coarser lock, one entry)."""
+        pid = self.next_id
+        self.next_id += 1
+        first, (last, last_ln) = runs[0][0], runs[-1]
+        size = sum(n for _, n in runs)
+        self.inflight[pid] = (first, last + last_ln - first)
+        self.batches[pid] = runs
+        self.batched_runs += len(runs)
+        self.inflight_bytes += size
+        self._sent.append((self.node.loop.time(), size))
+        self._sent_sum += size
+        view = self.pool.get(proto.runs_table_size(len(runs)) + size)
+        disk = self.disk
+
+        def read():
+            pos = proto.pack_runs_table(view, runs)
+            for off, ln in runs:
+                disk.readinto(off, view[pos:pos + ln])
+                pos += ln
+
+        self.node.run_io(read, lambda exc: self._runs_read(pid, first, size, view, exc))
+
+    def _runs_read(self, pid, first, size, view, exc) -> None:
+        if self.cancelled or self.link.closed:
+            return
+        if exc is not None:
+            log.error("resync read of %d batched bytes from %d failed: %s", size, first, exc)
+            self.link.abort(f"resync read failed: {exc}")
+            return
+        self.link.send_data(P.RS_DATA, proto.F_RUNS, pid, first, view)
+        self.progress.sent_bytes += size
+
     def _send_one(self, off: int, ln: int) -> None:
         pid = self.next_id
         self.next_id += 1
@@ -252,10 +320,18 @@ class ResyncSource:
         rng = self.inflight.pop(pid, None)
         if rng is None:
             return
-        self.inflight_bytes -= rng[1]
-        self.bitmap.clear_range(*rng)
+        runs = self.batches.pop(pid, None)
+        if runs is None:
+            done = rng[1]
+            self.bitmap.clear_range(*rng)
+        else:
+            done = 0
+            for off, ln in runs:
+                self.bitmap.clear_range(off, ln)
+                done += ln
+        self.inflight_bytes -= done
         self.node.bitmap_changed()
-        self.progress.add(rng[1], self.node.loop.time())
+        self.progress.add(done, self.node.loop.time())
         self.wake.set()
         if self.node.replicator.waiting:
             self.node.replicator.drain_waiting()
@@ -284,7 +360,7 @@ class ResyncTarget:
         self.partial: dict[int, int] = {}  # pid -> bytes still expected (checksum mode)
         self.partial_range: dict[int, tuple[int, int]] = {}  # pid -> the whole request
         self.ready = False  # our record is on disk; the source may send data
-        self.unflushed: list[tuple[int, int, int]] = []  # written, not yet flushed
+        self.unflushed: list[tuple[int, tuple]] = []  # (pid, runs) written, not flushed
         self.flushing = False
         self.flushes = 0
         self.prior = node.disk_state  # before this resync made it Inconsistent
@@ -379,6 +455,9 @@ class ResyncTarget:
     def on_rs_data(self, link, flags, pid, offset, size, crc, payload):
         if not self.ready:
             raise proto.LinkProtocolError("resync data before sync-ready")
+        if flags & proto.F_RUNS:
+            self._on_runs(link, pid, size, crc, payload)
+            return
         if offset + size > self.disk.size:
             raise proto.LinkProtocolError("resync data past the end of the disk")
         if flags & proto.F_ZERO:
@@ -406,6 +485,40 @@ class ResyncTarget:
             self.partial.pop(pid, None)
             offset, size = self.partial_range.pop(pid)
         self._landed(pid, offset, size)
+
+    def _on_runs(self, link, pid, size, crc, payload) -> None:
+        """Batched small runs: written in an I/O thread after every earlier write of the
+        stream to their span has landed, acknowledged as one after the next flush."""
+        if len(payload) != size or _crc(payload) != crc:
+            raise proto.LinkProtocolError("CRC32C mismatch in batched resync data")
+        runs, base = proto.parse_runs(payload, self.disk.size)
+        first, (last, last_ln) = runs[0][0], runs[-1]
+        self.node.applier.ordered(link, first, last + last_ln - first, payload,
+                                  lambda p: self._write_runs(link, pid, runs, base, p))
+
+    def _write_runs(self, link, pid, runs, base, payload) -> None:
+        if self.link.closed or self.node.resync_target is not self:
+            return
+        if link.owns(payload):  # a view of the receive ring, reused soon: copy
+            payload = bytes(payload)
+        data, disk = memoryview(payload), self.disk
+
+        def write():
+            pos = base
+            for off, ln in runs:
+                disk.write(off, data[pos:pos + ln])
+                pos += ln
+
+        def done(exc):
+            if exc is not None:
+                log.error("batched resync write of %d runs from %d failed: %s", len(runs),
+                          runs[0][0], exc)
+                link.abort(f"resync write failed: {exc}")
+            elif not link.closed:
+                self.unflushed.append((pid, runs))
+                self._start_flush()
+
+        self.node.run_io(write, done)
 
     def on_rs_csum(self, link, flags, pid, offset, size, crc, payload):
         if not self.ready:
@@ -448,7 +561,7 @@ class ResyncTarget:
     # -- durable acks ------------------------------------------------------------------------
     def _landed(self, pid, offset, size) -> None:
         """The request's data is written: ack it after the next flush."""
-        self.unflushed.append((pid, offset, size))
+        self.unflushed.append((pid, ((offset, size),)))
         self._start_flush()
 
     def _start_flush(self) -> None:
@@ -470,9 +583,12 @@ class ResyncTarget:
         self.flushes += 1
         now = node.loop.time()
         bitmap = node.bitmap
-        for pid, offset, size in batch:
-            bitmap.clear_range(offset, size)
-            link.send(_HDR(P.RS_ACK, 0, pid, offset, size, 0, 0))
+        for pid, runs in batch:
+            size = 0
+            for offset, ln in runs:
+                bitmap.clear_range(offset, ln)
+                size += ln
+            link.send(_HDR(P.RS_ACK, 0, pid, runs[0][0], size, 0, 0))
             self.progress.add(size, now)
         node.bitmap_changed()
         self._start_flush()
@@ -535,7 +651,9 @@ async def _run_source(node, link, ex, csum: bool, peer_gen) -> None:
         # copied our data to the peer: both now hold the same, newest data
         node.set_disk(DiskState.UP_TO_DATE)
     link.send_control(P.CONTROL, {"op": "sync-done", "gen": node.gen.to_wire()})
-    node.last_sync = {"role": "SyncSource", **src.progress.as_dict(node.loop.time())}
+    node.last_sync = {"role": "SyncSource", **src.progress.as_dict(node.loop.time()),
+                      "requests": src.next_id - src.first_id,
+                      "batched_runs": src.batched_runs}
     log.info("resync finished as source: %s", node.last_sync)
     node.emit("resync-finished", **node.last_sync)
     node.persist()

@@ -70,7 +70,7 @@ def snapshot(node) -> dict:
         "upper_pending": nbd.requests_inflight if nbd is not None else 0,
         "lower_pending": len(r.local_busy) + len(a.busy),
         "ap_in_flight": sum(q.length for q in r.pending.values()),
-        "rs_in_flight": sum(n for _, n in rs.inflight.values()) if rs is not None else 0,
+        "rs_in_flight": rs.inflight_bytes if rs is not None else 0,
         "pending": len(r.pending) + (len(rs.inflight) if rs is not None else 0),
         "unacked": len(a.queue) + len(a.busy),
         "sent": r.bytes_replicated, "received": a.bytes_applied,

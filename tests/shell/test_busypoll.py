@@ -93,7 +93,7 @@ def test_nbd_requests_kick_it():
     from blockrep.nbd.constants import TransmissionFlag as TF
     from blockrep.shell.nbd_server import NbdServer
 
-    from tests.test_nbd_flow import _HeldTarget, attach, feed
+    from test_nbd_flow import _HeldTarget, attach, feed
 
     async def main():
         loop = asyncio.get_running_loop()
