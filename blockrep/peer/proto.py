@@ -27,7 +27,9 @@ MAGIC = 0x42524550  # "BREP"
 VERSION = 3  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
            # connection-bound authentication, STARTTLS, size in STATE
            # 3: header checksum (hcrc)
-FEATURES = 0  # feature bits every node has; per-node ones (compression) in HandshakeParams
+FEATURE_RUNS = 1 << 8  # decodes batched resync data (F_RUNS); never sent to a peer without it
+FEATURES = FEATURE_RUNS  # feature bits every node of this build has; per-node ones
+                         # (compression: blockrep.peer.compress) in HandshakeParams
 HEADER = struct.Struct(">IHHQQIIII")
 HEADER_SIZE = HEADER.size  # 40
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096

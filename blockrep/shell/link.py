@@ -100,6 +100,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.compressor: compress.Compressor | None = None  # once established, if negotiated
+        self.batch_resync = False  # once established: the peer decodes F_RUNS
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, *parts) -> None:
@@ -376,8 +377,10 @@ class PeerLink(asyncio.BufferedProtocol):
         self.established = True
         self.peer_hello = ev.hello
         cfg = self.node.cfg
+        features = ev.hello.get("features", 0)
         self.compressor = compress.Compressor.for_peer(
-            cfg.compression, cfg.compression_level, ev.hello.get("features", 0))
+            cfg.compression, cfg.compression_level, features)
+        self.batch_resync = bool(features & proto.FEATURE_RUNS)  # the peer decodes F_RUNS
         self._buf = bytearray(RECV_BUF)
         self._mv = memoryview(self._buf)
         self._pool = BufferPool()

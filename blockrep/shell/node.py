@@ -83,7 +83,7 @@ class Node:
             resource=cfg.name, me=self.name, peer=self.peer_cfg.name, tls=cfg.tls,
             secret=cfg.shared_secret.encode(), size=self.size, timeout=cfg.handshake_timeout,
             csums_alg=cfg.csums_alg, verify_alg=cfg.verify_alg,
-            features=compress.features(cfg.compression))
+            features=proto.FEATURES | compress.features(cfg.compression))
         self._tls = tls_mod.link_contexts(self.me) if cfg.tls else None
         self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")

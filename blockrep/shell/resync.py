@@ -225,11 +225,13 @@ class ResyncSource:
     def _requests(self):
         """The bitmap's runs as requests -> (runs, bytes): a run of BATCH_RUN or more alone
         (at most CHUNK), shorter ones gathered (up to BATCH_RUNS runs, CHUNK bytes of data,
-        BATCH_SPAN of the disk); checksum mode sends every run alone."""
+        BATCH_SPAN of the disk); checksum mode, and a peer that did not advertise
+        FEATURE_RUNS, get every run alone."""
         runs: list[tuple[int, int]] = []
         size = start = 0
+        alone = self.csum or not self.link.batch_resync
         for off, ln in self.bitmap.byte_runs(CHUNK):
-            if ln >= BATCH_RUN or self.csum:
+            if ln >= BATCH_RUN or alone:
                 if runs:
                     yield runs, size
                     runs = []

@@ -147,7 +147,7 @@ def test_transcript_order_dialer_first_acceptor_proves_last():
     hello_d = sent(d.start())
     assert [t for t, _ in packets(hello_d)] == [P.HELLO]
     body = packets(hello_d)[0][1]
-    assert body == {"version": 3, "features": 0, "resource": "r0", "node": "alpha",
+    assert body == {"version": 3, "features": proto.FEATURES, "resource": "r0", "node": "alpha",
                     "peer": "beta", "nonce": ND}
     hello_a = sent(a.receive_data(hello_d, 0.0))
     assert [t for t, _ in packets(hello_a)] == [P.HELLO]  # no proof yet

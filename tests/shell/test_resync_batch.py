@@ -47,6 +47,30 @@ def test_scattered_runs_resync_in_batches_and_match(tmp_path):
     run(main())
 
 
+def test_a_peer_without_the_feature_gets_every_run_alone(tmp_path):
+    """A Secondary of an older build (no FEATURE_RUNS in its HELLO) would write the run
+    table as data: it is sent one request per run."""
+    async def main():
+        p = await Pair(tmp_path).start()
+        try:
+            await p.cut()
+            p.beta.link_params.features &= ~proto.FEATURE_RUNS
+            offs = _scattered(40)
+            for i, off in enumerate(offs):
+                assert await p.submit(p.alpha, WRITE, off, data=pattern(i, BLK)) == 0
+            await p.reconnect()
+            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
+                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
+            await wait_until(lambda: p.beta.applier.idle, "applier idle")
+            last = p.alpha.last_sync
+            assert last["batched_runs"] == 0 and last["requests"] == 40, last
+            for i, off in enumerate(offs):
+                assert p.read(p.beta, off, BLK) == pattern(i, BLK), f"run {i}"
+        finally:
+            await p.close()
+    run(main())
+
+
 def test_application_write_into_a_batch_span_waits_for_its_ack(tmp_path):
     async def main():
         p = await Pair(tmp_path).start()
