@@ -14,6 +14,7 @@ this runs on the system Python) and prints, for the Primary and the Secondary:
                     writes) under cProfile, their difference divided by N, so start-up and
                     shutdown cancel out; saved as PREFIX.NODE.json; --diff OTHER_PREFIX
                     prints a saved profile beside it (e.g. the baseline's)
+  --wrap strace     system calls per write (strace -c attached for the writes)
   --wrap opcodes    bytecodes executed per write, function by function (sys.settrace with
                     f_trace_opcodes; exact), the same two runs and --diff
 
@@ -34,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,13 @@ runpy.run_module("blockrep", run_name="__main__", alter_sys=True)
 """
 
 
+def proc_io(pid: int) -> tuple[int, int]:
+    """(read-type, write-type) system calls of the process so far (/proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["syscr"]), int(fields["syscw"])
+
+
 class Pair(LoopbackPair):
     """The loopback pair, its `up` processes optionally wrapped (valgrind runs the program
     in its own process, so the PID is the node's either way)."""
@@ -145,12 +154,22 @@ def run(args, n: int, wrap: str, out: str) -> dict:
             for pid in pids.values():
                 subprocess.run(["callgrind_control", "-d", "start", str(pid)], check=True,
                                capture_output=True)
-        c0 = {node: (proc_cpu(p), sched_cpu(p)) for node, p in pids.items()}
+        tracers = {}
+        if wrap == "strace":  # attached for the writes only
+            for node, pid in pids.items():
+                tracers[node] = subprocess.Popen(
+                    ["strace", "-f", "-c", "-o", f"{out}.{node}.strace", "-p", str(pid)],
+                    stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached to every thread
+        c0 = {node: (proc_cpu(p), sched_cpu(p), *proc_io(p)) for node, p in pids.items()}
         t0 = time.perf_counter()
         for off in offsets[args.warmup:]:
             h.pwrite(buf, off)
         wall = time.perf_counter() - t0
-        c1 = {node: (proc_cpu(p), sched_cpu(p)) for node, p in pids.items()}
+        c1 = {node: (proc_cpu(p), sched_cpu(p), *proc_io(p)) for node, p in pids.items()}
+        for tracer in tracers.values():
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(30)
         if wrap == "callgrind":
             for pid in pids.values():
                 subprocess.run(["callgrind_control", "-d", "writes", str(pid)], check=True,
@@ -163,10 +182,25 @@ def run(args, n: int, wrap: str, out: str) -> dict:
     res = {"wall_us": wall / n * 1e6}
     for node in NODES:
         res[node] = {"cpu_us": (c1[node][0] - c0[node][0]) / n * 1e6,
-                     "sched_us": (c1[node][1] - c0[node][1]) / n * 1e6}
+                     "sched_us": (c1[node][1] - c0[node][1]) / n * 1e6,
+                     "syscr": (c1[node][2] - c0[node][2]) / n,
+                     "syscw": (c1[node][3] - c0[node][3]) / n}
+        if wrap == "strace":
+            res[node]["syscalls"] = strace_calls(f"{out}.{node}.strace", n)
         if wrap == "callgrind":
             res[node]["ir"] = callgrind_writes(f"{out}.{node}.cg") / n
     return res
+
+
+def strace_calls(path: str, n: int) -> dict:
+    """strace -c's table -> {syscall: calls per write} (the 1 s of attaching included)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                out[parts[-1]] = int(parts[3]) / n
+    return out
 
 
 def callgrind_writes(prefix: str) -> int:
@@ -257,7 +291,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--size", type=int, default=1 << 30, help="device size (bytes)")
     ap.add_argument("--bs", type=int, default=4096)
-    ap.add_argument("--wrap", choices=("none", "cprofile", "callgrind", "opcodes"),
+    ap.add_argument("--wrap", choices=("none", "cprofile", "callgrind", "opcodes", "strace"),
                     default="none")
     ap.add_argument("--out", default="/tmp/profile_write", help="prefix of profile files")
     ap.add_argument("--diff", metavar="PREFIX", help="with cprofile: a saved profile to "
@@ -269,14 +303,19 @@ def main() -> int:
     args = ap.parse_args()
     print(f"checkout {os.path.abspath(args.root)}: {args.n} random writes of {args.bs} B at "
           f"QD1 after {args.warmup}, wrap={args.wrap}")
-    if args.wrap in ("none", "callgrind"):
+    if args.wrap in ("none", "callgrind", "strace"):
         res = run(args, args.n, args.wrap, args.out)
         print(f"  wall {res['wall_us']:.0f} us/write (noisy)")
         for node in NODES:
             r = res[node]
             ir = f"   {r['ir']:>9,.0f} Ir/write" if "ir" in r else ""
             print(f"  {ROLES[node]:<9} cpu {r['cpu_us']:7.1f} us/write   "
-                  f"sched {r['sched_us']:7.1f} us/write{ir}")
+                  f"sched {r['sched_us']:7.1f} us/write   read/write-type syscalls "
+                  f"{r['syscr']:.2f}/{r['syscw']:.2f} per write{ir}")
+            if "syscalls" in r:
+                calls = sorted(r["syscalls"].items(), key=lambda kv: -kv[1])
+                print("    syscalls/write: " + ", ".join(f"{k} {v:.2f}" for k, v in calls
+                                                        if v >= 0.01))
         return 0
     for k, n in (("a", args.n), ("b", 2 * args.n)):
         run(args, n, args.wrap, f"{args.out}-{k}")

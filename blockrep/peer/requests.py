@@ -52,6 +52,9 @@ COMPLETED = 8      # the front end has been answered
 GOT = 16           # the peer has received it (protocol B's receive ack)
 
 PROTOCOLS = ("A", "B", "C")
+_NEW = LOCAL_PENDING | PEER_PENDING | UNSENT  # a request just made
+_OPEN = LOCAL_PENDING | PEER_PENDING | COMPLETED  # any of these: not to be completed now
+
 
 class RangeSet(dict):
     """Byte ranges in flight: key -> (offset, length). Overlap questions are asked often
@@ -97,7 +100,7 @@ class Req:
         self.length = length
         self.cb = cb
         self.cookie = cookie
-        self.state = LOCAL_PENDING | PEER_PENDING | UNSENT
+        self.state = _NEW
         self.err = 0
 
     def __repr__(self):
@@ -151,7 +154,7 @@ class TransferLog:
             s &= ~(LOCAL_PENDING | PEER_PENDING | UNSENT)
         else:
             raise ValueError(f"unknown request event {ev}")
-        if not s & (LOCAL_PENDING | PEER_PENDING | COMPLETED):
+        if not s & _OPEN:
             req.state = s | COMPLETED
             if self.held is None:
                 req.cb(req.cookie, req.err)

@@ -116,8 +116,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         out = self._out
         if out and not self.closed:
-            for p in out:
-                self.bytes_sent += len(p)
+            self.bytes_sent += sum(map(len, out))
             # double buffered: what pause_writing (the congestion policy) queues from
             # inside writelines lands in the other list and goes out next, not cleared
             self._out, self._spare = self._spare, out
