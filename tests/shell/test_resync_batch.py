@@ -4,6 +4,8 @@ waits for its ack; the result is the same bytes on both nodes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from blockrep.peer import proto
@@ -54,7 +56,8 @@ def test_a_peer_without_the_feature_gets_every_run_alone(tmp_path):
         p = await Pair(tmp_path).start()
         try:
             await p.cut()
-            p.beta.link_params.features &= ~proto.FEATURE_RUNS
+            p.beta.link_params = dataclasses.replace(
+                p.beta.link_params, features=p.beta.link_params.features & ~proto.FEATURE_RUNS)
             offs = _scattered(40)
             for i, off in enumerate(offs):
                 assert await p.submit(p.alpha, WRITE, off, data=pattern(i, BLK)) == 0
