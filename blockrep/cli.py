@@ -422,17 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def res_cmd(name, helptext, func, *, optional=False):
         c = sub.add_parser(name, help=helptext)
-        if optional:
-            c.add_argument("config", nargs="?", metavar="RESOURCE",
-                           help="a resource's name (its file in the configuration directory, "
-                                "BLOCKREP_CONFIG_DIR or /etc/blockrep) or the path of its "
-                                ".toml file; with none, or \"all\", every resource of this "
-                                "host")
-        else:
-            c.add_argument("config", metavar="RESOURCE",
-                           help="a resource's name (its file in the configuration directory, "
-                                "BLOCKREP_CONFIG_DIR or /etc/blockrep) or the path of its "
-                                ".toml file")
+        what = ("a resource's name (its file in the configuration directory, "
+                "BLOCKREP_CONFIG_DIR or /etc/blockrep) or the path of its .toml file")
+        c.add_argument("config", nargs="?" if optional else None, metavar="RESOURCE",
+                       help=what + ('; with none, or "all", every resource of this host'
+                                    if optional else ""))
         c.add_argument("--node", help="this node's name (default: the host name)")
         c.add_argument("--json", action="store_true",
                        help="machine-readable output, errors included")

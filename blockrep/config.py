@@ -292,6 +292,10 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return _toml(data, path)
+
+
+def _toml(data: bytes, path: str) -> dict:
     try:
         return tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -324,17 +328,13 @@ def load_common(directory: str) -> dict:
 
 def with_common(raw: dict, common: dict) -> dict:
     """The resource's own settings over the common ones ([handlers] merged by key)."""
-    if not common:
-        return raw
     merged = dict(raw)
-    if isinstance(raw.get("resource"), dict):
-        res = {k: v for k, v in common.items() if k != "handlers"}
-        res.update(raw["resource"])
-        merged["resource"] = res
-    if common.get("handlers") or "handlers" in raw:
-        own = raw.get("handlers", {})
-        merged["handlers"] = {**common.get("handlers", {}), **own} \
-            if isinstance(own, dict) else own
+    if isinstance(raw.get("resource"), dict):  # else parse() says what is wrong
+        defaults = {k: v for k, v in common.items() if k != "handlers"}
+        merged["resource"] = {**defaults, **raw["resource"]}
+    own = raw.get("handlers", {})
+    if "handlers" in common and isinstance(own, dict):
+        merged["handlers"] = {**common["handlers"], **own}
     return merged
 
 
@@ -346,11 +346,7 @@ def load(path: str) -> ResourceConfig:
 
 def loads(data: bytes, path: str = "<config>") -> ResourceConfig:
     """The text of a configuration file -> ResourceConfig (or one ConfigError)."""
-    try:
-        raw = tomllib.loads(data.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(raw, path)
+    return parse(_toml(data, path), path)
 
 
 def parse(raw: dict, path: str = "<config>") -> ResourceConfig:

@@ -349,6 +349,7 @@ class Soak:
         """A node whose disk was detached (Diskless) gets `attach` once its disk is healed:
         the operator's step after replacing a disk (docs/operations.md, "Disk failures")."""
         deadline = time.monotonic() + timeout
+        last = "no answer"
         while time.monotonic() < deadline:
             s = await node.status()
             if s is None and not node.running:
@@ -364,7 +365,7 @@ class Soak:
                     last = str(exc)
             await asyncio.sleep(0.2)
         self.notes.append(f"{node.name} stayed Diskless: attach failed for {timeout:.0f} s"
-                          f" ({locals().get('last', 'no answer')})")
+                          f" ({last})")
 
     async def faults_loop(self, deadline: float) -> None:
         while time.monotonic() < deadline:

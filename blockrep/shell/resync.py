@@ -51,6 +51,12 @@ _crc = proto.native.crc32c
 _ZEROES = memoryview(bytes(CHUNK))
 
 
+def _check_data(payload, size: int, crc: int, offset: int) -> None:
+    """Resync data as the header describes it (length, CRC32C of the plain bytes)."""
+    if len(payload) != size or _crc(payload) != crc:
+        raise proto.LinkProtocolError(f"CRC32C mismatch in resync data at {offset}")
+
+
 class Progress:
     def __init__(self, total: int, now: float):
         self.total = total
@@ -99,7 +105,7 @@ class ResyncSource:
         self.inflight = RangeSet()  # pid -> (offset, length) sent, not yet acknowledged
         self.batches: dict[int, list[tuple[int, int]]] = {}  # pid -> its runs (F_RUNS)
         self.batched_runs = 0  # runs that travelled in F_RUNS requests
-        self.next_id = self.first_id = 1
+        self.next_id = 1  # of the next request; next_id - 1 were sent
         self.wake = asyncio.Event()
         self.progress = Progress(self.bitmap.count_bytes(), node.loop.time())
         self.cancelled = False
@@ -252,16 +258,11 @@ class ResyncSource:
         """Small runs in one F_RUNS packet: read in an I/O thread, acknowledged as one.
         Application writes to the batch's span (first run to last) wait for the ack, as
         for a single request's range (DRBD's resync extents: a coarser lock, one entry)."""
-        pid = self.next_id
-        self.next_id += 1
         first, (last, last_ln) = runs[0][0], runs[-1]
         size = sum(n for _, n in runs)
-        self.inflight[pid] = (first, last + last_ln - first)
+        pid = self._register(first, last + last_ln - first, size)
         self.batches[pid] = runs
         self.batched_runs += len(runs)
-        self.inflight_bytes += size
-        self._sent.append((self.node.loop.time(), size))
-        self._sent_sum += size
         view = self.pool.get(proto.runs_table_size(len(runs)) + size)
         disk = self.disk
 
@@ -283,13 +284,19 @@ class ResyncSource:
         self.link.send_data(P.RS_DATA, proto.F_RUNS, pid, first, view)
         self.progress.sent_bytes += size
 
-    def _send_one(self, off: int, ln: int) -> None:
+    def _register(self, off: int, span: int, size: int) -> int:
+        """A new request for `size` bytes within [off, off+span): its id. From now on
+        application writes to that range wait for its ack."""
         pid = self.next_id
         self.next_id += 1
-        self.inflight[pid] = (off, ln)  # from now on writes to this range wait for the ack
-        self.inflight_bytes += ln
-        self._sent.append((self.node.loop.time(), ln))
-        self._sent_sum += ln
+        self.inflight[pid] = (off, span)
+        self.inflight_bytes += size
+        self._sent.append((self.node.loop.time(), size))
+        self._sent_sum += size
+        return pid
+
+    def _send_one(self, off: int, ln: int) -> None:
+        pid = self._register(off, ln, ln)
         if ln < ASYNC_MIN:
             self._send_data(pid, off, ln, self.disk.read(off, ln))
             return
@@ -322,15 +329,10 @@ class ResyncSource:
         rng = self.inflight.pop(pid, None)
         if rng is None:
             return
-        runs = self.batches.pop(pid, None)
-        if runs is None:
-            done = rng[1]
-            self.bitmap.clear_range(*rng)
-        else:
-            done = 0
-            for off, ln in runs:
-                self.bitmap.clear_range(off, ln)
-                done += ln
+        done = 0
+        for off, ln in self.batches.pop(pid, None) or (rng,):
+            self.bitmap.clear_range(off, ln)
+            done += ln
         self.inflight_bytes -= done
         self.node.bitmap_changed()
         self.progress.add(done, self.node.loop.time())
@@ -458,7 +460,7 @@ class ResyncTarget:
         if not self.ready:
             raise proto.LinkProtocolError("resync data before sync-ready")
         if flags & proto.F_RUNS:
-            self._on_runs(link, pid, size, crc, payload)
+            self._on_runs(link, pid, offset, size, crc, payload)
             return
         if offset + size > self.disk.size:
             raise proto.LinkProtocolError("resync data past the end of the disk")
@@ -470,8 +472,7 @@ class ResyncTarget:
             self.node.run_io(lambda: disk.zero(offset, size, may_trim=True),
                              lambda exc: self._written(link, pid, offset, size, exc))
             return
-        if len(payload) != size or proto.native.crc32c(payload) != crc:
-            raise proto.LinkProtocolError(f"CRC32C mismatch in resync data at {offset}")
+        _check_data(payload, size, crc, offset)
         if size >= ASYNC_MIN and not flags & proto.F_PART:
             if link.owns(payload):  # a view of the receive ring, reused soon: copy
                 payload = bytes(payload)
@@ -488,18 +489,17 @@ class ResyncTarget:
             offset, size = self.partial_range.pop(pid)
         self._landed(pid, offset, size)
 
-    def _on_runs(self, link, pid, size, crc, payload) -> None:
+    def _on_runs(self, link, pid, offset, size, crc, payload) -> None:
         """Batched small runs: written in an I/O thread after every earlier write of the
         stream to their span has landed, acknowledged as one after the next flush."""
-        if len(payload) != size or _crc(payload) != crc:
-            raise proto.LinkProtocolError("CRC32C mismatch in batched resync data")
+        _check_data(payload, size, crc, offset)
         runs, base = proto.parse_runs(payload, self.disk.size)
         first, (last, last_ln) = runs[0][0], runs[-1]
         self.node.applier.ordered(link, first, last + last_ln - first, payload,
                                   lambda p: self._write_runs(link, pid, runs, base, p))
 
     def _write_runs(self, link, pid, runs, base, payload) -> None:
-        if self.link.closed or self.node.resync_target is not self:
+        if link.closed or self.node.resync_target is not self:
             return
         if link.owns(payload):  # a view of the receive ring, reused soon: copy
             payload = bytes(payload)
@@ -517,8 +517,7 @@ class ResyncTarget:
                           runs[0][0], exc)
                 link.abort(f"resync write failed: {exc}")
             elif not link.closed:
-                self.unflushed.append((pid, runs))
-                self._start_flush()
+                self._land(pid, runs)
 
         self.node.run_io(write, done)
 
@@ -563,7 +562,10 @@ class ResyncTarget:
     # -- durable acks ------------------------------------------------------------------------
     def _landed(self, pid, offset, size) -> None:
         """The request's data is written: ack it after the next flush."""
-        self.unflushed.append((pid, ((offset, size),)))
+        self._land(pid, ((offset, size),))
+
+    def _land(self, pid, runs) -> None:
+        self.unflushed.append((pid, runs))
         self._start_flush()
 
     def _start_flush(self) -> None:
@@ -654,7 +656,7 @@ async def _run_source(node, link, ex, csum: bool, peer_gen) -> None:
         node.set_disk(DiskState.UP_TO_DATE)
     link.send_control(P.CONTROL, {"op": "sync-done", "gen": node.gen.to_wire()})
     node.last_sync = {"role": "SyncSource", **src.progress.as_dict(node.loop.time()),
-                      "requests": src.next_id - src.first_id,
+                      "requests": src.next_id - 1,
                       "batched_runs": src.batched_runs}
     log.info("resync finished as source: %s", node.last_sync)
     node.emit("resync-finished", **node.last_sync)

@@ -8,7 +8,6 @@ import asyncio
 
 from blockrep.peer.requests import WRITE
 from blockrep.shell import admin
-from blockrep.state import ReplState
 
 from support.inprocess import Pair, pattern, run, settle, wait_until
 from .test_write_path import BIG, SMALL
@@ -90,9 +89,7 @@ def test_stale_write_never_overwrites_resync_data_after_reconnect(tmp_path):
                              p.alpha.resync_source.inflight, "resync request in flight")
             await settle()
             gate.release()  # the stale write lands now, after the resync data arrived
-            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
-                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
-            await wait_until(lambda: p.beta.applier.idle, "applier idle")
+            await p.resynced()
             await settle()
             assert p.read(p.beta, OFF, BIG) == pattern(4, BIG)
             assert p.read(p.alpha, OFF, BIG) == pattern(4, BIG)
@@ -115,10 +112,8 @@ def test_application_write_waits_for_the_resync_request_of_its_range(tmp_path):
             assert not app.done and len(p.alpha.replicator.waiting) == 1
             gate.release()
             assert await app == 0
-            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
-                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
+            await p.resynced()
             want = pattern(1, BIG)[:4096] + pattern(2, SMALL) + pattern(1, BIG)[8192:]
-            await wait_until(lambda: p.beta.applier.idle, "applier idle")
             assert p.read(p.alpha, OFF, BIG) == want
             assert p.read(p.beta, OFF, BIG) == want
             assert p.alpha.bitmap.count() == 0

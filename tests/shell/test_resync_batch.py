@@ -11,7 +11,6 @@ import pytest
 from blockrep.peer import proto
 from blockrep.peer.requests import WRITE
 from blockrep.shell import resync
-from blockrep.state import ReplState
 
 from support.inprocess import Pair, pattern, run, settle, wait_until
 
@@ -33,9 +32,7 @@ def test_scattered_runs_resync_in_batches_and_match(tmp_path):
                 assert await p.submit(p.alpha, WRITE, off, data=pattern(i, BLK)) == 0
             assert p.alpha.bitmap.count_bytes() == 600 * BLK
             await p.reconnect()
-            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
-                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
-            await wait_until(lambda: p.beta.applier.idle, "applier idle")
+            await p.resynced()
             last = p.alpha.last_sync
             assert last["total_bytes"] == 600 * BLK, last
             assert last["batched_runs"] == 600, last  # every run in a batch ...
@@ -62,9 +59,7 @@ def test_a_peer_without_the_feature_gets_every_run_alone(tmp_path):
             for i, off in enumerate(offs):
                 assert await p.submit(p.alpha, WRITE, off, data=pattern(i, BLK)) == 0
             await p.reconnect()
-            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
-                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
-            await wait_until(lambda: p.beta.applier.idle, "applier idle")
+            await p.resynced()
             last = p.alpha.last_sync
             assert last["batched_runs"] == 0 and last["requests"] == 40, last
             for i, off in enumerate(offs):
@@ -92,9 +87,7 @@ def test_application_write_into_a_batch_span_waits_for_its_ack(tmp_path):
             assert not app.done and len(p.alpha.replicator.waiting) == 1
             gate.release()
             assert await app == 0
-            await wait_until(lambda: p.alpha.repl == ReplState.ESTABLISHED and
-                             p.beta.repl == ReplState.ESTABLISHED, "resync done")
-            await wait_until(lambda: p.beta.applier.idle, "applier idle")
+            await p.resynced()
             for node in (p.alpha, p.beta):
                 assert p.read(node, gap, BLK) == pattern(99, BLK)
                 for i, off in enumerate(offs):

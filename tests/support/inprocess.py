@@ -345,6 +345,12 @@ class Pair:
         self.link = await connect(self.alpha, self.beta)
         return self.link
 
+    async def resynced(self) -> None:
+        """Both Established again (the resync done) and beta's applier idle."""
+        await wait_until(lambda: self.alpha.repl == ReplState.ESTABLISHED and
+                         self.beta.repl == ReplState.ESTABLISHED, "resync done")
+        await wait_until(lambda: self.beta.applier.idle, "applier idle")
+
     async def cut(self) -> None:
         self.link.cut()
         await wait_until(lambda: self.alpha.link is None and self.beta.link is None,
