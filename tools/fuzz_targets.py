@@ -243,6 +243,9 @@ def link_frame():
                     proto.need(body, "response", bytes)
             elif ptype in proto.DATA_TYPES:
                 assert isinstance(proto.check_crc(payload, crc), bool)
+                if flags & proto.F_RUNS:  # batched resync data: the run table
+                    runs, base = proto.parse_runs(payload, 1 << 40)
+                    assert sum(n for _, n in runs) == len(payload) - base
 
     data = b"\xff" * 4096
     seeds = [proto.encode_control(P.HELLO, {"version": 1, "resource": "r0", "node": "a",
@@ -251,6 +254,9 @@ def link_frame():
              + proto.pack_header(P.PING) + proto.data_header(P.DATA, 1, 0, data) + data,
              proto.encode_control(P.STATE, {"role": "Primary", "changes": 4})
              + proto.data_header(P.RS_DATA, 2, 4096, b"abc", 8) + b"abd"]
+    batch = bytearray(proto.runs_table_size(2) + 8)
+    proto.pack_runs_table(batch, [(0, 4), (4096, 4)])
+    seeds.append(proto.data_header(P.RS_DATA, 3, 0, bytes(batch), proto.F_RUNS) + batch)
     return one, seeds
 
 
