@@ -272,17 +272,7 @@ class ResyncSource:
                 disk.readinto(off, view[pos:pos + ln])
                 pos += ln
 
-        self.node.run_io(read, lambda exc: self._runs_read(pid, first, size, view, exc))
-
-    def _runs_read(self, pid, first, size, view, exc) -> None:
-        if self.cancelled or self.link.closed:
-            return
-        if exc is not None:
-            log.error("resync read of %d batched bytes from %d failed: %s", size, first, exc)
-            self.link.abort(f"resync read failed: {exc}")
-            return
-        self.link.send_data(P.RS_DATA, proto.F_RUNS, pid, first, view)
-        self.progress.sent_bytes += size
+        self.node.run_io(read, lambda exc: self._read_done(pid, first, size, view, exc, True))
 
     def _register(self, off: int, span: int, size: int) -> int:
         """A new request for `size` bytes within [off, off+span): its id. From now on
@@ -304,14 +294,21 @@ class ResyncSource:
         self.node.run_io(lambda: self.disk.readinto(off, view),
                          lambda exc: self._read_done(pid, off, ln, view, exc))
 
-    def _read_done(self, pid, off, ln, view, exc) -> None:
+    def _read_done(self, pid, off, ln, view, exc, batched: bool = False) -> None:
+        """A read in an I/O thread is done: send its data (ln bytes; for a batch, of its
+        runs from `off`, after the run table in `view`)."""
         if self.cancelled or self.link.closed:
             return
         if exc is not None:
-            log.error("resync read at %d+%d failed: %s", off, ln, exc)
+            log.error("resync read at %d+%d%s failed: %s", off, ln,
+                      " (batched runs)" if batched else "", exc)
             self.link.abort(f"resync read failed: {exc}")
             return
-        self._send_data(pid, off, ln, view)
+        if batched:
+            self.link.send_data(P.RS_DATA, proto.F_RUNS, pid, off, view)
+            self.progress.sent_bytes += ln
+        else:
+            self._send_data(pid, off, ln, view)
 
     def _send_data(self, pid, off, ln, data) -> None:
         if self.csum:
