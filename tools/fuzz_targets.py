@@ -246,6 +246,10 @@ def link_frame():
                 if flags & proto.F_RUNS:  # batched resync data: the run table
                     runs, base = proto.parse_runs(payload, 1 << 40)
                     assert sum(n for _, n in runs) == len(payload) - base
+            elif ptype == P.READ_REPLY:  # a Diskless Primary's read: data or an errno
+                proto.check_payload(ptype, crc, payload)
+                err = proto.read_reply_error(flags, size)
+                assert 0 <= err < 4096 and (err == 0) == (not flags & proto.F_ERR)
 
     data = b"\xff" * 4096
     seeds = [proto.encode_control(P.HELLO, {"version": 1, "resource": "r0", "node": "a",
@@ -257,6 +261,9 @@ def link_frame():
     batch = bytearray(proto.runs_table_size(2) + 8)
     proto.pack_runs_table(batch, [(0, 4), (4096, 4)])
     seeds.append(proto.data_header(P.RS_DATA, 3, 0, bytes(batch), proto.F_RUNS) + batch)
+    seeds.append(proto.pack_header(P.READ_REQUEST, 0, 4, 8192, 4096)  # and its two answers
+                 + proto.data_header(P.READ_REPLY, 4, 8192, data) + data
+                 + proto.pack_header(P.READ_REPLY, proto.F_ERR, 5, 8192, 5))
     return one, seeds
 
 

@@ -28,8 +28,10 @@ VERSION = 3  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
            # connection-bound authentication, STARTTLS, size in STATE
            # 3: header checksum (hcrc)
 FEATURE_RUNS = 1 << 8  # decodes batched resync data (F_RUNS); never sent to a peer without it
-FEATURES = FEATURE_RUNS  # feature bits every node of this build has; per-node ones
-                         # (compression: blockrep.peer.compress) in HandshakeParams
+FEATURE_PEER_READS = 1 << 9  # answers P_READ_REQUEST (a Diskless Primary reads through it)
+# feature bits every node of this build has; per-node ones (compression:
+# blockrep.peer.compress) in HandshakeParams
+FEATURES = FEATURE_RUNS | FEATURE_PEER_READS
 HEADER = struct.Struct(">IHHQQIIII")
 HEADER_SIZE = HEADER.size  # 40
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
@@ -59,6 +61,8 @@ class P(enum.IntEnum):
     RS_IN_SYNC = 24
     OV_REQUEST = 25
     OV_REPLY = 26
+    READ_REQUEST = 27  # Diskless Primary -> peer: read offset+size for a client
+    READ_REPLY = 28    # the data (or F_ERR, size = errno) for READ_REQUEST `id`
     PING = 30
     PING_ACK = 31
     CONTROL = 40
@@ -74,6 +78,7 @@ F_LAST = 1 << 5   # on BITMAP: the sender's bitmap is complete (no payload)
 F_LZ4 = 1 << 6    # on DATA/RS_DATA: payload lz4-compressed (blockrep.peer.compress)
 F_ZSTD = 1 << 7   # on DATA/RS_DATA: payload zstd-compressed
 F_RECV = 1 << 8   # on DATA/TRIM/ZERO: answer P_RECV_ACK on receipt (protocol B)
+F_ERR = 1 << 9    # on READ_REPLY: the peer's read failed (size = errno, no payload)
 F_RUNS = 1 << 10  # on RS_DATA: many small runs in one packet (run table, then their data)
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
@@ -203,6 +208,14 @@ def decode_control(payload) -> dict:
 def data_header(ptype: int, pid: int, offset: int, payload, flags: int = 0) -> bytes:
     n = len(payload)
     return pack_header(ptype, flags, pid, offset, n, n, native.crc32c(payload))
+
+
+def read_reply_error(flags: int, size: int) -> int:
+    """The errno of a P_READ_REPLY: 0 for data, else the peer's errno (EIO if it sent
+    none or one out of range)."""
+    if not flags & F_ERR:
+        return 0
+    return size if 0 < size < 4096 else 5
 
 
 def check_crc(payload, crc: int) -> bool:

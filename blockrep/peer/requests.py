@@ -11,6 +11,10 @@ no peer), like DRBD's `__req_mod`. The completion rule of protocol C and the lin
     a range the peer may lack (negative ack, link lost, no link) is marked out of sync
     before the request can complete; on link loss every range still in the transfer log
     (acked but not yet covered by a barrier ack) is marked too;
+    a REMOTE request (a Diskless Primary's: its disk was detached, on-io-error = detach) has
+    no local part, or one that no longer counts: it completes when the peer has it, and
+    fails with EIO when the peer cannot have it (negative ack, link lost, no link): there
+    is no other copy, and nothing is marked (there is no disk for the bitmap to describe);
     while I/O is suspended (`hold`, the fencing shell's decision) completed requests are
     not answered until `release`.
 
@@ -41,8 +45,11 @@ NOT_WRITTEN = 6   # the local part was refused before anything was written (acti
 QUEUED = 7        # protocol A: the packet is in the send buffer (the peer part is done for
                   # the client; the request stays in the log until the peer's write ack)
 RECEIVED = 8      # protocol B: the peer has received the packet (P_RECV_ACK)
+DETACHED = 9      # the local disk was detached (on-io-error = detach) while this request's
+                  # local part was running, had failed or was done: from now on only the
+                  # peer's copy counts (REMOTE); a later LOCAL_DONE is ignored
 EVENT_NAMES = ("LOCAL_DONE", "PEER_ACK", "NEG_ACK", "BARRIER_ACK", "LINK_LOST", "NO_PEER",
-               "NOT_WRITTEN", "QUEUED", "RECEIVED")
+               "NOT_WRITTEN", "QUEUED", "RECEIVED", "DETACHED")
 
 # request state bits
 LOCAL_PENDING = 1  # the local disk has not finished
@@ -50,10 +57,14 @@ PEER_PENDING = 2   # the peer has not answered (or it is not yet known whether i
 UNSENT = 4         # not (yet) sent to the peer
 COMPLETED = 8      # the front end has been answered
 GOT = 16           # the peer has received it (protocol B's receive ack)
+REMOTE = 32        # no local part (Diskless Primary): only the peer's copy counts
+PEER_FAILED = 64   # the peer part ended without the peer having it (neg ack, lost, no link)
 
 PROTOCOLS = ("A", "B", "C")
 _NEW = LOCAL_PENDING | PEER_PENDING | UNSENT  # a request just made
 _OPEN = LOCAL_PENDING | PEER_PENDING | COMPLETED  # any of these: not to be completed now
+REMOTE_NEW = PEER_PENDING | UNSENT | REMOTE  # a Diskless Primary's request just made
+_EIO = 5  # errno.EIO (no errno import in the core: the value is fixed on Linux)
 
 
 class RangeSet(dict):
@@ -130,6 +141,8 @@ class TransferLog:
         """Apply one event to a request; complete it when both of its parts are done."""
         s = req.state
         if ev == LOCAL_DONE:
+            if s & REMOTE:
+                return  # detached meanwhile: the local part no longer counts
             s &= ~LOCAL_PENDING
             if err:
                 req.err = err
@@ -140,13 +153,18 @@ class TransferLog:
         elif ev == PEER_ACK or ev == BARRIER_ACK:
             s &= ~PEER_PENDING
         elif ev == NEG_ACK or ev == LINK_LOST or ev == NO_PEER:
-            if req.kind != FLUSH:
+            if s & REMOTE:
+                req.err = _EIO  # the peer's copy was the only one
+            elif req.kind != FLUSH:
                 self.mark(req.offset, req.length)  # before the request can complete
-            s &= ~(PEER_PENDING | UNSENT)
+            s = (s & ~(PEER_PENDING | UNSENT)) | PEER_FAILED
         elif ev == QUEUED:
             s &= ~PEER_PENDING
         elif ev == RECEIVED:
             s = (s & ~PEER_PENDING) | GOT
+        elif ev == DETACHED:
+            s = (s & ~LOCAL_PENDING) | REMOTE
+            req.err = _EIO if s & PEER_FAILED else 0  # no local copy to fall back on
         elif ev == NOT_WRITTEN:
             if not s & UNSENT:
                 raise ValueError("NOT_WRITTEN after the request was sent")

@@ -462,6 +462,8 @@ def status(node) -> dict:
         "decision": {"strategy": d.strategy.value, "rule": d.describe()} if d else None,
         "last_error": node.last_error,
         "disk_failure": node.diskfail.status(),  # why the disk was detached, or ""
+        "disk_kept": node.diskfail.kept,  # why a failing Primary disk was not detached
+        "diskless": node.diskless.status(),  # a Diskless Primary's I/O through the peer
         "link_rejections": node.rejections.as_dict(),
         "generation": {"current": f"{node.gen.current:016X}",
                        "bitmap": f"{node.gen.bitmap:016X}",
@@ -533,6 +535,12 @@ def format_status(s: dict) -> str:
                      f"{human(g['out_of_sync_bytes'])} oldest:{g['oldest_s']}s")
     if s.get("disk_failure"):
         lines.append(f"    disk detached: {s['disk_failure']}")
+    d = s.get("diskless") or {}
+    if d.get("active"):
+        lines.append(f"    diskless primary: I/O through the peer "
+                     f"{'(serving)' if d['serving'] else '(no UpToDate peer: EIO)'} read:"
+                     f"{human(d['peer_reads_bytes'])} written:{human(d['peer_writes_bytes'])}"
+                     f" failed reads:{d['peer_reads_failed']}")
     if s.get("last_error"):
         lines.append(f"    last error: {s['last_error']}")
     c = s["counters"]

@@ -14,6 +14,8 @@ below a quarter of it), and what a full buffer does on the Primary:
   buffer has drained the Primary asks the peer to renegotiate (the peer closes the link
   after reading everything before that request); the link reconnects, the bitmap-based
   resync copies what went out of sync and the pair returns to Established on its own.
+  A Diskless Primary (shell/diskless.py) blocks whatever the policy: it has no disk to be
+  Ahead on.
 
 Must not: parse packets or decide sync direction; the hot path of an uncongested link pays
 nothing here (the transport calls in only when its buffer crosses the marks).
@@ -65,7 +67,7 @@ class Congestion:
         node = self.node
         if link is not node.link or not self.limit or not node.is_primary:
             return
-        if self.policy == "block":
+        if self.policy == "block" or not node.diskfail.attached:  # Diskless: no Ahead
             if not self.held:
                 self.held = True
                 self.times_blocked += 1

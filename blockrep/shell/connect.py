@@ -43,7 +43,13 @@ def established(node, link, body: dict) -> None:
     node.congestion.configure(link)
     if node.disk_state in st.NO_DISK or peer_disk in st.NO_DISK:
         # a detached disk takes part in no resync and decides nothing: the link carries
-        # state only; a Primary marks every write out of sync (replicating_link is None)
+        # state only; a Primary marks every write out of sync (replicating_link is None),
+        # a Diskless Primary's I/O goes through an UpToDate peer holding its data again
+        why = node.diskless.check_reconnect(peer_role, peer_disk, peer_gen)
+        if why:
+            log.error("%s", why)
+            refuse(node, link, why, standalone=True)
+            return
         log.info("connected to %s (%s, %s); disks %s/%s: no resync while detached",
                  node.peer_cfg.name, peer_role.value, peer_disk.value,
                  node.disk_state.value, peer_disk.value)

@@ -3,11 +3,16 @@
 Owns: the decision, for each local I/O error, between detaching the disk (`detach`, the
 default: the disk goes Failed -> Diskless at once, the reason is logged, kept for status and
 sent in the events; the peer is told) and passing the error on (`pass-on`: the caller
-answers the error as before and the disk stays attached); the Primary's side of a peer that
-detached (everything from then on is out of sync: the transfer log is marked as on link
-loss, writes stop going to the peer, a new data generation begins).
+answers the error as before and the disk stays attached). A Primary detaches only while its
+peer holds every block (shell/diskless.py `can_serve`); it then goes on as a Diskless
+Primary, its I/O through the peer. Without such a peer detaching would leave no copy to
+serve: the error is passed on and the disk stays attached (logged, in status). The
+Primary's side of a peer that detached (everything from then on is out of sync: the
+transfer log is marked as on link loss, writes stop going to the peer, a new data
+generation begins).
 `attach`: a detached disk (repaired or replaced at the configured path) comes back and
-takes a full resync from the peer.
+takes a full resync from the peer; on a Secondary only (a Diskless Primary is demoted
+first: a resync *to* a Primary while it serves is not supported).
 Must not: do the failing I/O itself or answer requests (the write and apply paths do).
 """
 
@@ -20,8 +25,10 @@ import os
 from ..disk import Disk
 from ..peer.proto import P
 from ..state import NO_DISK, DiskState, Rv, Verdict
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("blockrep.disk")
+iolog = RateLimitedLog(log)
 
 
 class DiskFailure:
@@ -30,6 +37,7 @@ class DiskFailure:
         self.reason = ""          # why the disk was detached ("" while attached)
         self.errors_seen = 0      # local I/O errors since start
         self.detached_at: float | None = None  # loop time of the detach
+        self.kept = ""  # why a Primary's failing disk was not detached (latest), or ""
 
     @property
     def policy(self) -> str:
@@ -48,7 +56,19 @@ class DiskFailure:
         if self.policy != "detach":
             return False
         err = getattr(exc, "errno", None) or 5
-        self.detach(f"I/O error on {what} at {offset}+{length} (errno {err}): {exc}")
+        reason = f"I/O error on {what} at {offset}+{length} (errno {err}): {exc}"
+        node = self.node
+        if node.is_primary and not node.diskless.can_serve():
+            # detaching would leave the clients no copy of the data: pass the error on
+            self.kept = (f"{reason}; not detached: the peer {node.peer_cfg.name} does not "
+                         f"hold every block (connection {node.conn.value}, replication "
+                         f"{node.repl.value}, peer disk {node.peer_disk.value}, "
+                         f"{node.bitmap.count_bytes()} bytes out of sync); the error goes "
+                         f"to the client")
+            node.last_error = self.kept
+            iolog.error("disk kept", "disk %s: %s", node.me.disk, self.kept)
+            return False
+        self.detach(reason)
         return True
 
     def detach(self, reason: str) -> None:
@@ -58,8 +78,13 @@ class DiskFailure:
         log.error("disk %s failed: %s; detaching it (on-io-error = detach)",
                   node.me.disk, reason)
         node.last_error = f"disk detached: {reason}"
+        primary = node.is_primary
+        how = {"io": f"through the peer {node.peer_cfg.name}"} if primary else {}
         node.set_disk(DiskState.FAILED, reason=reason)
-        node.set_disk(DiskState.DISKLESS, reason=reason)
+        node.set_disk(DiskState.DISKLESS, reason=reason, **how)
+        node.verifier.cancel("the disk was detached")
+        if primary:
+            node.diskless.start()  # before any later request: they go to the peer only
         try:
             node.persist()  # remembered as Failed where the metadata still can be written
         except OSError as exc:
@@ -78,6 +103,10 @@ class DiskFailure:
         if not node.is_primary:
             return
         node.replicator.link_lost()  # marks the transfer log, completes what waited
+        if not self.attached:  # both disks gone: what was open failed (EIO), no new data
+            log.error("peer %s detached its disk too: this Diskless Primary has no copy of "
+                      "the data; every request fails (EIO)", node.peer_cfg.name)
+            return
         node.gen.start_new_data()  # writes from now on are new data the peer lacks
         try:
             if node.store is not None:
@@ -93,7 +122,10 @@ class DiskFailure:
         if self.attached:
             return Verdict(Rv.NOTHING_TO_DO, f"the disk is attached ({node.disk_state.value})")
         if node.is_primary:
-            return Verdict(Rv.IS_PRIMARY, "this node is Primary")
+            return Verdict(Rv.IS_PRIMARY, "this node is a Diskless Primary (its I/O goes "
+                           "through the peer); attach on a Primary is not supported: stop "
+                           "its NBD clients, 'blockrep secondary', then 'blockrep attach' "
+                           "(or promote the peer first and move the clients there)")
         return Verdict(Rv.SUCCESS)
 
     def attach(self) -> str:
@@ -126,7 +158,9 @@ class DiskFailure:
         log.warning("disk %s attached (was detached: %s); a full sync from the peer follows",
                     disk.path, self.reason)
         self.reason = ""
+        self.kept = ""
         self.detached_at = None
+        node.diskless.stop()
         node.gen.current = 0  # nothing on it is trusted: the peer's current wins, full sync
         node.gen.bitmap = 0
         node.bitmap.set_all()

@@ -101,6 +101,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.bytes_received = 0
         self.compressor: compress.Compressor | None = None  # once established, if negotiated
         self.batch_resync = False  # once established: the peer decodes F_RUNS
+        self.peer_reads = False  # once established: the peer answers P_READ_REQUEST
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, *parts) -> None:
@@ -380,6 +381,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.compressor = compress.Compressor.for_peer(
             cfg.compression, cfg.compression_level, features)
         self.batch_resync = bool(features & proto.FEATURE_RUNS)  # the peer decodes F_RUNS
+        self.peer_reads = bool(features & proto.FEATURE_PEER_READS)  # it answers READ_REQUEST
         self._buf = bytearray(RECV_BUF)
         self._mv = memoryview(self._buf)
         self._pool = BufferPool()

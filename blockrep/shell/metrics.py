@@ -126,6 +126,17 @@ class NodeCollector:
         yield from self._progress("verify", pdev, s["verify"])
         yield _gauge("blockrep_peerdevice_verify_found_bytes", "Out-of-sync bytes the "
                      "running (or last) online verify found", pdev, s["verify_found"])
+        yield _gauge("blockrep_peerdevice_diskless", "Boolean whether this Primary's disk "
+                     "is detached and its I/O goes through this peer", pdev,
+                     int(s["diskless"]))
+        yield _counter("blockrep_peerdevice_diskless_read_bytes", "Data a Diskless Primary "
+                       "read from this peer for its clients", pdev, s["peer_reads"])
+        yield _counter("blockrep_peerdevice_diskless_written_bytes", "Data a Diskless "
+                       "Primary wrote to this peer only (write-zeroes/trim count their "
+                       "length)", pdev, s["peer_writes"])
+        yield _counter("blockrep_peerdevice_served_read_bytes", "Data read from the local "
+                       "disk for this peer (a Diskless Primary's clients)", pdev,
+                       s["served_reads"])
         ack = HistogramMetricFamily("blockrep_peerdevice_ack_duration_seconds",
                                     "Time from sending a write to the peer to its "
                                     "acknowledgement (one write in 16 is timed)",

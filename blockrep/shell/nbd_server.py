@@ -99,6 +99,11 @@ class NbdServer:
         self.executor = executor or ThreadPoolExecutor(max_workers=4,
                                                        thread_name_prefix="blockrep-io")
         self.target = target or LocalTarget(backend, self.executor)
+        # a Diskless Primary (shell/diskless.py): when set, READ goes to
+        # remote_read(offset, length, cb, key) and is answered at cb(key, errno, data);
+        # read_error(offset, length, exc) -> True: a failed local read goes there instead
+        self.remote_read = None
+        self.read_error = None
         # the loop's busy polling, kicked by the clients and by a node's peer link
         self.busy = BusyPoll(asyncio.get_event_loop(), self.limits.busy_poll_us) \
             if self.limits.busy_poll_us else None
@@ -303,6 +308,8 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             try:
                 dispatch[cmd](flags, cookie, offset, length)
             except Exception as exc:  # the backend failed: this request fails, not the server
+                if cmd == 0 and self._read_elsewhere(cookie, offset, length, exc):
+                    continue  # the disk was detached: the peer answers this read
                 if not isinstance(exc, OSError):
                     log.exception("%s: %s failed", self.peer, NbdCmd(cmd).name)
                 else:
@@ -350,6 +357,10 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
 
     # -- commands ----------------------------------------------------------------------------
     def _cmd_read(self, flags, cookie, offset, length):
+        if self.server.remote_read is not None:  # Diskless Primary: the peer reads
+            self._stats.read_bytes -= length  # not from the local disk (_process counts it)
+            self._read_remote(cookie, offset, length)
+            return
         t = self._rtick = self._rtick - 1
         if not t:  # every SAMPLE_EVERY-th read is timed: this call again, with t = -1
             t0 = _now()
@@ -382,6 +393,41 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, length + 8))
         out.append(_U64(offset))
         out.append(data)
+
+    def _read_elsewhere(self, cookie, offset, length, exc) -> bool:
+        """A local read failed: has the disk been detached (on-io-error), so that the read
+        goes to the peer? (nothing of this reply is out yet)"""
+        hook = self.server.read_error
+        if hook is None or not hook(offset, length, exc) or self.server.remote_read is None:
+            return False
+        self._read_remote(cookie, offset, length)
+        return True
+
+    def _read_remote(self, cookie, offset, length):
+        self._inflight += 1
+        self.server.remote_read(offset, length, self._read_done, (cookie, offset))
+        if self._inflight >= self._max_reqs:
+            self._hold()
+
+    def _read_done(self, key, err, data):
+        """The peer's answer to a read (a Diskless Primary): one data chunk or an error."""
+        self._inflight -= 1
+        cookie, offset = key
+        if err:
+            self._reply_err(cookie, nbd_errno(err), NbdCmd.READ, os.strerror(err))
+        elif self.structured:
+            self._out.append(_pack_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie,
+                                         len(data) + 8))
+            self._out.append(_U64(offset))
+            self._out.append(data)
+        else:
+            self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(data)
+        if not self._complete_scheduled:
+            self._complete_scheduled = True
+            self._loop.call_soon(self._flush_completed)
+        if self._idle is not None:
+            self._wake_idle()
 
     def _read_data(self, offset, length):
         if length < SPARSE_READ_MIN:
@@ -422,12 +468,16 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._submit_req(ZERO, flags, cookie, offset, length, None)
 
     def _cmd_cache(self, flags, cookie, offset, length):
-        self.backend.cache(offset, length)
+        if self.server.remote_read is None:  # (a Diskless Primary has nothing to cache)
+            self.backend.cache(offset, length)
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _cmd_block_status(self, flags, cookie, offset, length):
         limit = 1 if flags & _REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
-        extents = self.backend.extents(offset, length, limit)
+        if self.server.remote_read is None:
+            extents = self.backend.extents(offset, length, limit)
+        else:  # Diskless Primary: the detached disk's holes say nothing; all is data
+            extents = [(offset, length, False)]
         descs = [(n, (StateFlag.HOLE | StateFlag.ZERO) if hole else 0)
                  for _, n, hole in extents]
         payload = proto.encode_block_status_payload(BASE_ALLOCATION_ID, descs)

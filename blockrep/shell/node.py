@@ -26,7 +26,7 @@ from ..peer import compress, messages, proto
 from ..peer.handshake import HandshakeParams, Refused
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role
-from . import connect, diskfail
+from . import connect, diskfail, diskless
 from . import tls as tls_mod
 from .admin import AdminServer
 from .congestion import Congestion
@@ -88,6 +88,7 @@ class Node:
         self.rejections = Rejections()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blockrep-io")
         self.diskfail = diskfail.DiskFailure(self)  # on-io-error
+        self.diskless = diskless.Diskless(self)  # a Diskless Primary's I/O through the peer
         self.applier = Applier(self)
         self.replicator = Replicator(self)
         self.hooks = Handlers(self)  # [handlers] (shell/handlers.py)
@@ -128,6 +129,8 @@ class Node:
             P.REFUSE: self._on_refuse_established,
             P.OV_REQUEST: self.verifier.on_request,
             P.OV_REPLY: self.verifier.on_reply,
+            P.READ_REQUEST: self.diskless.on_read_request,
+            P.READ_REPLY: self.diskless.on_read_reply,
         }
 
     @property
@@ -156,6 +159,7 @@ class Node:
                                             self.me.nbd_tls_key, self.me.nbd_tls_ca or None,
                                             verify_client=bool(self.me.nbd_tls_ca)))
         self.nbd.refusal = self.nbd_refusal()
+        self.nbd.read_error = self.diskless.read_failed  # detach: reads go on at the peer
         await self.nbd.listen_tcp(*self.me.nbd)
         self.tasks.append(self.loop.create_task(self._dialer()))
         self.tasks.append(self.loop.create_task(self._timer()))
@@ -322,10 +326,12 @@ class Node:
         self.replicator.drain_waiting()  # held-back writes now go local-only
         self.verifier.cancel("connection lost")
         self.replicator.link_lost()
-        if self.is_primary and was != ReplState.OFF:
+        self.diskless.link_lost()  # a Diskless Primary's reads fail: no other copy
+        attached = self.diskfail.attached  # (a Diskless Primary wrote nothing without it)
+        if self.is_primary and was != ReplState.OFF and attached:
             self.gen.start_new_data()
         try:
-            if self.store is not None:
+            if self.store is not None and attached:
                 self.store.flush_bitmap()  # bits set for unacknowledged writes must survive
             self.persist()
         except OSError as exc:  # the bits stay set in memory; the activity log covers them

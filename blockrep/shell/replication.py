@@ -31,9 +31,9 @@ from time import perf_counter as _now
 
 from ..peer import proto
 from ..peer.proto import P
-from ..peer.requests import (COMPLETED, FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK, NO_PEER,
-                             NOT_WRITTEN, PEER_ACK, PROTOCOLS, QUEUED, RECEIVED, WRITE, ZERO,
-                             RangeSet, Req, TransferLog)
+from ..peer.requests import (COMPLETED, DETACHED, FLUSH, KIND_NAMES, LOCAL_DONE, NEG_ACK,
+                             NO_PEER, NOT_WRITTEN, PEER_ACK, PROTOCOLS, QUEUED, RECEIVED,
+                             REMOTE, REMOTE_NEW, WRITE, ZERO, RangeSet, Req, TransferLog)
 from ..state import ReplState
 from .congestion import HOLD
 from .latency import ACK_SAMPLE_MASK, LatencyHistogram
@@ -76,6 +76,8 @@ class Replicator:
         self.writes_local_only = 0
         self.waiting: deque = deque()  # writes held back by a conflict (see submit)
         self.local_busy = RangeSet()  # local writes running in threads
+        self.local_reqs: dict[int, Req] = {}  # their requests, by local_busy key
+        self.remote = False  # Diskless Primary (shell/diskless.py): requests go to the peer only
         self.applier_busy = node.applier.busy  # writes of a gone link still landing here
         self._landed: list[asyncio.Future] = []  # wait_landed() callers
         # send -> P_WRITE_ACK time of the packets whose id has no ACK_SAMPLE_MASK bit set
@@ -119,7 +121,7 @@ class Replicator:
         if kind == FLUSH:
             self._flush(req)
             return None
-        if self.waiting or self._conflicts(offset, length):
+        if self.waiting or not self.remote and self._conflicts(offset, length):
             # an overlapping write is still being written locally in a thread, or a resync
             # request for this range is in flight: wait, so both disks see one order and
             # resync data never overtakes a newer application write on the target
@@ -165,12 +167,16 @@ class Replicator:
             if item is HOLD:  # the send buffer is full (on-congestion = block)
                 return
             req = item[0]
-            if self._conflicts(req.offset, req.length):
+            if not self.remote and self._conflicts(req.offset, req.length):
                 return
             waiting.popleft()
             self._start(*item)
 
     def _start(self, req: Req, data, fua, may_trim, fast_zero) -> None:
+        if self.remote:  # no local disk: the peer's copy is the only one
+            req.state = REMOTE_NEW
+            self._send_remote(req, data, fua, may_trim)
+            return
         node = self.node
         kind, offset, length = req.kind, req.offset, req.length
         try:  # the activity log covers the extents first (may write metadata)
@@ -178,6 +184,10 @@ class Replicator:
                 node.store.activity(offset, length, self.log.epoch, self.oldest_unacked,
                                     self.local_busy)
         except OSError as exc:
+            if node.diskfail.io_error("activity-log write", offset, length, exc):
+                req.state = REMOTE_NEW  # detached: nothing was written here, the peer's
+                self._send_remote(req, data, fua, may_trim)  # copy will be the only one
+                return
             log.error("activity-log write before %s at %d+%d failed: %s; answering EIO",
                       KIND_NAMES[kind], offset, length, exc)
             self._mod(req, NOT_WRITTEN, _EIO)
@@ -186,6 +196,7 @@ class Replicator:
             # large write, or zeroing that may fall back to BLKZEROOUT or writing zeroes:
             # the local part runs in a thread while the packet is on its way
             key = self.local_busy.add(offset, length)
+            self.local_reqs[key] = req
             disk = self.disk
             if kind == WRITE:
                 fn = lambda: disk.write(offset, data, fua)  # noqa: E731
@@ -208,16 +219,55 @@ class Replicator:
             if kind == ZERO and fast_zero and err in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 self._mod(req, NOT_WRITTEN, errno.ENOTSUP)  # fast zero refused: untouched
                 return
+            if node.diskfail.io_error(KIND_NAMES[kind].lower(), offset, length, exc):
+                self._mod(req, DETACHED)  # detached (a Diskless Primary now): not yet sent,
+                self._send_remote(req, data, fua, may_trim)  # it goes to the peer only
+                return
             iolog.error("local I/O error", "local %s at %d+%d failed: %s", KIND_NAMES[kind],
                         offset, length, exc)
             self._mod(req, LOCAL_DONE, err)  # not sent: completes now, marked out of sync
             return
         self._replicate(req, data, fua, may_trim)
         if fua and kind != WRITE:  # FUA trim/zero: local durability too
-            node.run_io(self.disk.flush, lambda exc: self._mod(req, LOCAL_DONE, _errno(exc)))
+            node.run_io(self.disk.flush, lambda exc: self._local_done(req, exc, "flush"))
         else:
             self._mod(req, LOCAL_DONE)
 
+    def _send_remote(self, req: Req, data, fua, may_trim) -> None:
+        """A REMOTE request (Diskless Primary) goes to the peer only; EIO without one."""
+        if req.kind != FLUSH:
+            self.node.diskless.wrote(req.length)
+        if self.node.replicating_link() is None:
+            self._mod(req, NO_PEER)  # REMOTE: EIO, nothing marked
+        else:
+            self._replicate(req, data, fua, may_trim)
+
+    def _local_done(self, req: Req, exc, what: str) -> None:
+        """The local part of `req` ended (exc: its error). Under on-io-error = detach an
+        error detaches the disk (a Diskless Primary then answers from the peer's copy)."""
+        if exc is None:
+            self._mod(req, LOCAL_DONE)
+        elif req.state & REMOTE:
+            pass  # detached already: its local part no longer counts
+        elif self.node.diskfail.io_error(what, req.offset, req.length, exc):
+            self._mod(req, DETACHED)
+        else:
+            iolog.error("local I/O error", "local %s at %d+%d failed: %s", what, req.offset,
+                        req.length, exc)
+            self._mod(req, LOCAL_DONE, _errno(exc))
+
+    def detached(self) -> None:
+        """This Primary's disk was detached (shell/diskless.py): from now on every request
+        goes to the peer only, and the open ones stop waiting for their local part (the
+        peer's acknowledgement completes them; a peer that fails them fails the client)."""
+        self.remote = True
+        tl = self.log
+        reqs = [*self.local_reqs.values(), *tl.pending.values(),
+                *(r for waiters in tl.barrier_waiters.values() for r in waiters)]
+        for req in reqs:
+            self._mod(req, DETACHED)
+        if self.waiting:
+            self.drain_waiting()  # nothing waits for a local write any more
     def _replicate(self, req: Req, data, fua, may_trim) -> None:
         link = self.node.replicating_link()
         if link is None:
@@ -252,10 +302,8 @@ class Replicator:
 
     def _async_written(self, key, req: Req, exc) -> None:
         del self.local_busy[key]
-        if exc is not None:
-            iolog.error("local I/O error", "local write at %d+%d failed: %s", req.offset,
-                        req.length, exc)
-        self._mod(req, LOCAL_DONE, _errno(exc))
+        del self.local_reqs[key]
+        self._local_done(req, exc, KIND_NAMES[req.kind].lower())
         self.after_landed()
 
     def after_landed(self) -> None:
@@ -267,12 +315,15 @@ class Replicator:
 
     def _flush(self, req: Req) -> None:
         node = self.node
+        if self.remote:
+            req.state = REMOTE_NEW  # the peer's barrier ack is the flush
         link = node.replicating_link()
         if link is not None:
             self._send_barrier(link, True, req)
         else:
             self._mod(req, NO_PEER)
-        node.run_io(self.disk.flush, lambda exc: self._mod(req, LOCAL_DONE, _errno(exc)))
+        if not self.remote:
+            node.run_io(self.disk.flush, lambda exc: self._local_done(req, exc, "flush"))
 
     def _send_barrier(self, link, flush: bool, req: Req | None = None) -> int:
         epoch = self.log.close_epoch(self.node.loop.time(), req)
@@ -342,6 +393,8 @@ class Replicator:
                 break
         if self.marked_since is None or oldest < self.marked_since:
             self.marked_since = oldest
+        if self.remote:
+            self.log.tl.clear()  # Diskless: no bitmap to mark (the open requests fail EIO)
         self.log.link_lost()
 
     @property
@@ -515,8 +568,6 @@ class Applier:
         self._written(None, link, pid, flags, offset, size, None)
 
     def _written(self, key, link, pid, flags, offset, size, exc):
-        if key is not None:
-            del self.busy[key]
         if exc is not None:
             iolog.error("apply I/O error", "applying write at %d+%d failed: %s", offset, size,
                         exc)
@@ -532,12 +583,18 @@ class Applier:
             else:
                 self._ack(link, _P_WRITE_ACK, pid)
         if key is not None:
-            if self.queue:
-                self._drain()
-            elif not self.busy:
-                self._became_idle()
-            # promoted meanwhile (or verifying): local work may have waited for this write
-            self.node.replicator.after_landed()
+            self.landed(key)
+
+    def landed(self, key) -> None:
+        """Work on a range in the I/O threads (a write, a read for a Diskless Primary) is
+        done: what waited for the range goes on."""
+        del self.busy[key]
+        if self.queue:
+            self._drain()
+        elif not self.busy:
+            self._became_idle()
+        # promoted meanwhile (or verifying): local work may have waited for this write
+        self.node.replicator.after_landed()
 
     def _fua_done(self, link, pid, offset, size, exc):
         if exc is None:

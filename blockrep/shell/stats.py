@@ -81,6 +81,10 @@ def snapshot(node) -> dict:
         "resync": _progress(sync, now) if sync is not None else None,
         "verify": _progress(v.progress, now) if v is not None else None,
         "verify_found": last_verify.get("found_bytes", 0),
+        "diskless": node.diskless.active,
+        "peer_reads": node.diskless.peer_reads_bytes,
+        "peer_writes": node.diskless.peer_writes_bytes,
+        "served_reads": node.diskless.served_reads_bytes,
         "latency": io.latency, "ack_latency": r.ack_latency,
         "now": now,
     }

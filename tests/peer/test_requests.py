@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from blockrep.peer.requests import (BARRIER_ACK, COMPLETED, FLUSH, LINK_LOST, LOCAL_DONE,
-                                    NEG_ACK, NO_PEER, NOT_WRITTEN, PEER_ACK, WRITE, RangeSet,
-                                    Req, TransferLog)
+from blockrep.peer.requests import (BARRIER_ACK, COMPLETED, DETACHED, FLUSH, LINK_LOST,
+                                    LOCAL_DONE, NEG_ACK, NO_PEER, NOT_WRITTEN, PEER_ACK,
+                                    REMOTE, REMOTE_NEW, WRITE, RangeSet, Req, TransferLog)
 
 
 # -- RangeSet ------------------------------------------------------------------------------
@@ -246,3 +246,72 @@ def test_protocol_c_request_has_no_gap_while_waiting():
     assert tl.gap(1.0) == {"writes_not_on_peer_disk": 0, "bytes_not_on_peer_disk": 0,
                            "writes_not_received": 0, "bytes_not_received": 0,
                            "oldest_s": 0.0}
+
+
+# -- REMOTE requests (a Diskless Primary, on-io-error = detach) ------------------------------
+def _remote(r, cookie, kind=WRITE):
+    req = Req(kind, cookie * 4096, 4096, r.cb, cookie)
+    req.state = REMOTE_NEW
+    return req
+
+
+def test_remote_request_completes_on_the_peer_ack_and_marks_nothing():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = _remote(r, 1)
+    tl.sent(req)
+    tl.mod(req, LOCAL_DONE, 5)  # a late local completion no longer counts
+    assert 1 not in r.completed
+    tl.acked(1, PEER_ACK)
+    assert r.completed[1] == (0, []) and r.marked == []
+
+
+@pytest.mark.parametrize("ev", [NEG_ACK, LINK_LOST, NO_PEER])
+@pytest.mark.parametrize("kind", [WRITE, FLUSH])
+def test_remote_request_without_the_peer_fails_eio_unmarked(ev, kind):
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = _remote(r, 1, kind)
+    if ev != NO_PEER:
+        tl.sent(req)
+    tl.mod(req, ev)
+    assert r.completed[1] == (5, []) and r.marked == []
+
+
+def test_detached_local_part_counts_as_done_and_the_peer_decides():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    running = Req(WRITE, 0, 4096, r.cb, 1)    # local write still running at the detach
+    tl.sent(running)
+    tl.mod(running, DETACHED)
+    assert 1 not in r.completed
+    tl.acked(1, PEER_ACK)
+    assert r.completed[1] == (0, [])
+    tl.mod(running, LOCAL_DONE, 5)  # the thread comes back with the disk's error: ignored
+    acked = Req(WRITE, 4096, 4096, r.cb, 2)  # the peer had it, the local write failed
+    tl.sent(acked)
+    tl.acked(2, PEER_ACK)
+    tl.mod(acked, DETACHED)
+    assert r.completed[2] == (0, [])
+    lost = Req(WRITE, 8192, 4096, r.cb, 3)  # local done, then detached, then link lost
+    tl.sent(lost)
+    tl.mod(lost, LOCAL_DONE)
+    tl.mod(lost, DETACHED)
+    tl.link_lost()
+    assert r.completed[3][0] == 5  # its only good copy was to be the peer's
+    negacked = Req(WRITE, 12288, 4096, r.cb, 4)  # the peer failed it, then the local disk
+    tl.sent(negacked)
+    tl.acked(4, NEG_ACK)
+    tl.mod(negacked, DETACHED)
+    assert r.completed[4][0] == 5
+
+
+def test_detached_before_sending_waits_for_the_peer():
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 0, 4096, r.cb, 1)  # the inline local write failed: detach, then send
+    tl.mod(req, DETACHED)
+    assert 1 not in r.completed and req.state & REMOTE
+    tl.sent(req)
+    tl.acked(1, PEER_ACK)
+    assert r.completed[1] == (0, [])

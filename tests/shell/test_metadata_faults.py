@@ -40,8 +40,11 @@ def test_al_extent_stays_while_its_large_write_runs(tmp_path):
 
 
 def test_al_write_error_is_an_eio_reply_and_memory_stays_behind_disk(tmp_path):
+    """Under pass-on (under detach a Primary with an UpToDate peer detaches instead:
+    tests/shell/test_diskless_primary.py)."""
     async def main():
         p = Pair(tmp_path, size=64 << 20, store_factory=metastore)
+        p.cfg.on_io_error = "pass-on"
         await p.start()
         try:
             store = p.alpha.store
@@ -127,6 +130,7 @@ def _nbd_client_writes(port: int, writes) -> list[int]:
 def test_al_write_error_through_nbd_answers_eio_and_keeps_the_connection(tmp_path):
     async def main():
         p = Pair(tmp_path, size=64 << 20, store_factory=metastore)
+        p.cfg.on_io_error = "pass-on"
         await p.start()
         try:
             srv = await p.alpha.nbd.listen_tcp("127.0.0.1", 0)

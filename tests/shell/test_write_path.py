@@ -177,8 +177,12 @@ def test_peer_write_error_marks_out_of_sync_before_completion(tmp_path):
 
 
 def test_local_write_error_is_the_clients_error_and_nothing_is_sent(tmp_path):
+    """Under pass-on (under detach the Primary detaches and the peer takes the write:
+    tests/shell/test_diskless_primary.py)."""
     async def main():
-        p = await Pair(tmp_path).start()
+        p = Pair(tmp_path)
+        p.cfg.on_io_error = "pass-on"
+        await p.start()
         try:
             p.alpha.disk.fail("write", 0, SMALL, times=1)
             d = p.submit(p.alpha, WRITE, 0, data=pattern(1, SMALL))

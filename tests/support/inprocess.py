@@ -332,6 +332,7 @@ class Pair:
             n.gen.__dict__.update(st.Generation(current=gen).__dict__)  # the store's too
             n.disk_state = DiskState.UP_TO_DATE
             n.nbd = NbdServer(n.disk, make_export("", n.size), target=n.replicator)
+            n.nbd.read_error = n.diskless.read_failed  # as Node.start wires it
         self.link: MemoryLink | None = None
 
     async def start(self, primary: bool = True) -> "Pair":
