@@ -287,7 +287,7 @@ def test_zeroing_runs_off_the_event_loop(target):
     """BLKZEROOUT or the zero-writing fallback can take seconds: resync zero markers and
     large replicated WRITE_ZEROES are applied in the I/O threads."""
     loop, node, link, tgt = target
-    from blockrep.shell.replication import Applier
+    from blockrep.shell.applier import Applier
 
     async def scenario():
         tgt.on_sync_start({"total": SIZE, "csum": False, "uuid": 0xABCD00})

@@ -36,7 +36,8 @@ from .link import PeerLink, Rejections
 from .nbd_limits import NbdLimits, server_tls
 from .nbd_server import NbdServer
 from .bitmap_io import BitmapExchange, BitmapWriter
-from .replication import Applier, Replicator
+from .applier import Applier
+from .replication import Replicator
 from .resync import ResyncSource, ResyncTarget
 from .verify import Verifier
 
