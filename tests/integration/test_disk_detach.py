@@ -5,7 +5,9 @@ client writes through the Primary. The client sees no error, the Secondary detac
 and keeps every acknowledged write (and marks it out of sync); `attach` after the disk heals
 brings it back by a full sync. With ENOSPC from a sparse file on a tiny tmpfs the same
 detach, and after the Primary is killed the detached Secondary refuses promotion, forced or
-not. Figures are printed."""
+not. The Primary's own disk failing under fio verify=crc32c: it goes on Diskless through
+its peer, fio sees no error and the survivor holds every acknowledged write. Figures are
+printed."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 from support.faulttools import faulty_disk_for, set_node_value
 from support.helpers import require_tool
 from support.nbd_testlib import RawClient
-from support.repltools import MiB, cmp_data, read_at
+from support.repltools import MiB, check_fio, cmp_data, fio, fio_bytes_written, read_at
 
 from blockrep.faults.disk import TOOLS, TinyTmpfs
 
@@ -135,3 +137,63 @@ def test_secondary_enospc_detaches_and_is_never_promoted(cluster):
         c.stop_all()
         tiny.stop()
     assert not os.path.ismount(tiny.mountpoint)
+
+
+def test_primary_eio_detaches_fio_verify_sees_no_error_survivor_has_every_write(cluster,
+                                                                               tmp_path):
+    """The PRIMARY's disk fails while fio (random 4 KiB writes, verify=crc32c) writes through
+    it: the Primary detaches and goes on Diskless, its reads and writes through the peer.
+    fio sees no error and its verify pass (reads served by the peer) finds every block; a
+    second verify, straight on the survivor's image after both nodes stopped, finds every
+    acknowledged write there."""
+    require_tool(*TOOLS, "fio")
+    c = cluster(size="64M")
+    disk = faulty_disk_for(c, "alpha")
+    region = ["--offset=4M", "--size=16M", "--bs=4k", "--rw=randwrite",
+              "--verify=crc32c", "--verify_fatal=1", "--randseed=8"]
+    try:
+        c.up_pair()
+        with fio(tmp_path, c.uri("alpha"), "primary-fault", *region, "--iodepth=8",
+                 "--do_verify=1", "--continue_on_error=all", "--rate_iops=800",
+                 background=True) as job:
+            c.wait_status("alpha", lambda s: s["counters"]["writes_replicated"] >= 500, 30,
+                          "fio writing", fast=True)
+            disk.inject("pwrite")  # from now on every write to alpha's disk fails
+            t0 = time.monotonic()
+            a = c.wait_status("alpha", lambda s: s["disk"] == "Diskless", 30,
+                              "alpha detached its disk", fast=True)
+            to_diskless = time.monotonic() - a["diskless"]["since_s"] - t0
+            assert a["role"] == "Primary" and a["diskless"]["serving"], a
+            job.wait(180)
+            report = job.report()
+        errors = sum(j["total_err"] for j in report["jobs"])
+        written = fio_bytes_written(report)
+        verified = sum(j["read"]["io_bytes"] for j in report["jobs"])
+        a, b = c.admin("alpha"), c.admin("beta")
+        d = a["diskless"]
+        print(f"\non-io-error=detach, EIO on the PRIMARY under fio verify=crc32c: client "
+              f"errors {errors}; first fault to Diskless {to_diskless * 1000:.0f} ms; "
+              f"through the peer while Diskless: {d['peer_writes_bytes']} bytes written, "
+              f"{d['peer_reads_bytes']} bytes read ({b['diskless']['served_reads_bytes']} "
+              f"served by the peer); fio wrote {written} and verified {verified} bytes; "
+              f"primary: {a['disk_failure']!r}")
+        assert errors == 0
+        assert written == verified == 16 * MiB
+        assert d["peer_writes_bytes"] > 0 and d["peer_reads_bytes"] >= 16 * MiB
+        assert a["out_of_sync_bytes"] == 0 and "I/O error" in a["disk_failure"]
+        assert b["disk"] == "UpToDate" and b["peer"]["disk"] == "Diskless"
+        res = c.cli("alpha", "attach", check=False)
+        assert res.returncode != 0 and "Diskless Primary" in res.stderr, res
+        c.stop_all()
+        # the survivor alone holds every acknowledged write (fio re-reads and checks them)
+        out = str(tmp_path / "survivor.json")
+        res = subprocess.run(["fio", "--name=primary-fault", "--ioengine=psync",
+                              f"--filename={c.disk('beta')}", *region, "--verify_only",
+                              "--verify_state_save=0", "--output-format=json",
+                              f"--output={out}"], capture_output=True, text=True,
+                             timeout=120, check=False)
+        report = check_fio(res.returncode, res.stdout, res.stderr, out)
+        assert sum(j["read"]["io_bytes"] for j in report["jobs"]) == 16 * MiB
+    finally:
+        c.stop_all()
+        disk.stop()

@@ -307,3 +307,14 @@ def test_every_payload_but_the_self_checked_carries_its_crc():
     for ptype in proto.SELF_CHECKED:  # checked by their handlers (threads, reassembly)
         proto.check_payload(ptype, 0, b"\x01\x02")
     proto.check_payload(P.PING, 0, b"")
+
+
+def test_packet_flags_are_distinct_bits_and_read_reply_errors_decode():
+    flags = {k: v for k, v in vars(proto).items() if k.startswith("F_") and k != "F_COMPRESSED"}
+    assert all(v and v & (v - 1) == 0 for v in flags.values()), flags
+    assert len(set(flags.values())) == len(flags), flags
+    assert proto.F_ERR == 1 << 9 and proto.FEATURES & proto.FEATURE_PEER_READS
+    assert proto.read_reply_error(0, 4096) == 0  # data: size is its length
+    assert proto.read_reply_error(proto.F_ERR, 5) == 5
+    assert proto.read_reply_error(proto.F_ERR, 0) == 5  # no errno, or one out of range: EIO
+    assert proto.read_reply_error(proto.F_ERR, 1 << 20) == 5
