@@ -17,10 +17,15 @@ number and a version, and every acknowledgement is recorded. Every few seconds o
   flip             one byte of the next link chunk of at least 40 bytes (header or payload,
                    either direction) is inverted: the header checksum or the payload CRC
                    catches it, the link drops, reconnects and resyncs
-  disk-eio         (--disk-faults) the Secondary's disk fails writes with EIO for 0.5-2 s,
+  disk-eio         (--disk-faults) either node's disk fails writes with EIO for 0.5-2 s,
                    through nbdkit's error filter behind nbdfuse; on-io-error = detach makes
-                   it Diskless (the Primary marks everything from then on); once the disk
-                   is healed the soak runs `attach` and the full sync brings it back
+                   it Diskless. A Secondary: the Primary marks everything from then on;
+                   once the disk is healed the soak runs `attach` and the full sync brings
+                   it back. The Primary (chosen only while the pair is in sync: it
+                   detaches only while its peer holds every block): it goes on Diskless,
+                   its I/O through the peer, for a while; then the soak moves the clients
+                   (switchover: clients off, `secondary`, the peer promoted, clients to
+                   it; attach on a Primary is refused) and attaches the old disk
 
 With --fio, fio verify=crc32c jobs run back to back beside the writer on the region after
 its blocks. At the end: every fault undone, both nodes running, a Primary, the writer
@@ -156,21 +161,24 @@ class Soak:
         client: NbdClient | None = None
         lock = asyncio.Lock()
 
+        client_node = None
+
         async def connected() -> NbdClient | None:
-            nonlocal client
+            nonlocal client, client_node
             async with lock:
-                if client is not None and client._rx is not None and not client._rx.done():
+                if client is not None and client_node == self.primary and \
+                        client._rx is not None and not client._rx.done():
                     return client
-                if client is not None:
+                if client is not None:  # lost, or the clients move to another Primary
                     client.close()
                     client = None
-                for name in ([self.primary] if self.primary else []) + list(self.nodes):
+                for name in [self.primary] if self.primary else []:
                     c = NbdClient()
                     try:
                         await c.connect("127.0.0.1", self.nodes[name].nbd_port, timeout=2.0)
                     except (OSError, asyncio.TimeoutError, Exception):
                         continue
-                    client = c
+                    client, client_node = c, name
                     self.reconnects += 1
                     return client
                 return None
@@ -332,11 +340,17 @@ class Soak:
                 self.proxy.blackhole(False)
         elif kind == "disk-eio":
             victim = sec
+            if r.random() < 0.5 and await self.in_sync():
+                victim = prim
+                self.faults["disk-eio-primary"] += 1
             victim.faulty.inject("pwrite")
             try:
                 await asyncio.sleep(self.hold(0.5, 2))
             finally:
                 victim.faulty.heal()
+            if victim is prim:
+                await asyncio.sleep(self.hold(0.5, 3))  # Diskless, serving through sec
+                await self.switchover(prim, sec)
             await self.reattach(victim)
         elif kind == "flip":
             # header or payload, toward either node; the next chunk that is at least a header
@@ -344,6 +358,39 @@ class Soak:
                             min_chunk=HEADER_SIZE, at=r.randrange(HEADER_SIZE + 64))
             await asyncio.sleep(self.hold(0.5, 2))
             self.proxy.flip(direction="both", count=0)  # disarm one that found no chunk
+
+    async def in_sync(self) -> bool:
+        st = await self.statuses()
+        return all(s is not None and s["connection"] == "Connected" and
+                   s["replication"] == "Established" and s["disk"] == "UpToDate" and
+                   s["out_of_sync_bytes"] == 0 for s in st.values())
+
+    async def switchover(self, prim: NodeProcess, sec: NodeProcess) -> None:
+        """Move the clients off a Diskless Primary (attach on a Primary is refused): the
+        clients go, it is demoted, the peer (UpToDate, holding everything) is promoted and
+        the clients follow. The operator's planned switchover (docs/operations.md)."""
+        s = await prim.status()
+        if s is None or s["disk"] != "Diskless" or s["role"] != "Primary":
+            return  # it did not detach (or was restarted): nothing to move
+        self.primary = None
+        self.client_epoch += 1  # the clients' connections are closed on purpose
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.fio_proc is not None and self.fio_proc.returncode is None:
+                self.fio_proc.kill()  # (also one that started just now)
+            s = await prim.status()
+            if s is not None and s["nbd"]["clients"] == 0:
+                try:
+                    await prim.admin("secondary")
+                    break
+                except (RuntimeError, OSError, asyncio.TimeoutError):
+                    pass
+            await asyncio.sleep(0.1)
+        else:
+            self.notes.append(f"switchover: {prim.name} could not be demoted in 30 s")
+            await self.ensure_primary(prim.name)
+            return
+        self.faults["switchover"] += await self.ensure_primary(sec.name)
 
     async def reattach(self, node: NodeProcess, timeout: float = 30.0) -> None:
         """A node whose disk was detached (Diskless) gets `attach` once its disk is healed:
@@ -469,7 +516,9 @@ class Soak:
             self.fio["failed"]
         summary = {
             "seed": self.args.seed, "minutes": round(elapsed / 60, 2), "rounds": rounds,
-            "faults": {k: self.faults[k] for k in (*self.kinds, "failover", "attach")},
+            "faults": {k: self.faults[k] for k in (*self.kinds, "failover", "attach")
+                       + (("disk-eio-primary", "switchover") if self.args.disk_faults
+                          else ())},
             "writes": {"sent": L.writes_sent, "acknowledged": L.writes_acked,
                        "errors": L.write_errors, "nbd_connections": self.reconnects,
                        "longest_gap_s": round(self.longest_gap, 2)},
