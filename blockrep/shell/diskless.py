@@ -74,7 +74,7 @@ class Diskless:
         self.since = node.loop.time()
         node.replicator.detached()  # open requests count their peer part only
         if node.nbd is not None:
-            node.nbd.remote_read = self.read
+            node.nbd.set_remote_read(self.read)
         log.warning("Diskless Primary: reads and writes go to the peer %s only (nothing is "
                     "marked out of sync: there is no local disk)", node.peer_cfg.name)
 
@@ -85,7 +85,7 @@ class Diskless:
         self.since = None
         node.replicator.remote = False
         if node.nbd is not None:
-            node.nbd.remote_read = None
+            node.nbd.set_remote_read(None)
 
     def read_failed(self, offset: int, length: int, exc) -> bool:
         """The NBD server's local read failed: True if the disk is now detached and the read

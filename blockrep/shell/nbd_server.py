@@ -22,6 +22,7 @@ import asyncio
 import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from time import perf_counter as _now
 
 from ..nbd import proto
@@ -102,11 +103,18 @@ class NbdServer:
         # a Diskless Primary (shell/diskless.py): when set, READ goes to
         # remote_read(offset, length, cb, key) and is answered at cb(key, errno, data);
         # read_error(offset, length, exc) -> True: a failed local read goes there instead
-        self.remote_read = None
+        self.remote_read = None  # set with set_remote_read
         self.read_error = None
         # the loop's busy polling, kicked by the clients and by a node's peer link
         self.busy = BusyPoll(asyncio.get_event_loop(), self.limits.busy_poll_us) \
             if self.limits.busy_poll_us else None
+
+    def set_remote_read(self, fn) -> None:
+        """Reads of every connection go to `fn` (a Diskless Primary's peer), or with None
+        to the local disk again."""
+        self.remote_read = fn
+        for conn in [*self.connections, *self.handshaking]:
+            conn._route_reads()
 
     @property
     def requests_inflight(self) -> int:
@@ -169,10 +177,16 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._submit = server.target.submit
         self._kick = None  # BusyPoll.kick once past the handshake, when busy polling is on
         self._copy = server.target.holds_data  # it keeps the payload: not a view of the ring
+        # WRITE: the short path to a target that answers it inline, else the general one
+        if getattr(server.target, "writes_inline", False):
+            self._write = self._write_inline
+            self._target_write = server.target.write
+        else:
+            self._write = partial(self._submit_req, WRITE)
         self._complete_scheduled = False
         self._stats = server.stats
         self._tick = SAMPLE_EVERY  # write-type requests until the next timed one
-        self._rtick = SAMPLE_EVERY  # reads until the next timed one
+        self._rtick = SAMPLE_EVERY  # receive passes until one whose reads are timed
         self.rules: RequestRules | None = None
         self.structured = False
         self.meta = False
@@ -203,6 +217,9 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             NbdCmd.WRITE_ZEROES: self._cmd_zero,
             NbdCmd.BLOCK_STATUS: self._cmd_block_status,
         }
+        # every SAMPLE_EVERY-th receive pass uses this table: its reads are timed
+        self._dispatch_timed = {**self._dispatch, NbdCmd.READ: self._cmd_read_timed}
+        self._route_reads()
 
     # -- receive path ------------------------------------------------------------------------
     def get_buffer(self, sizehint):
@@ -228,7 +245,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                 self._reply_err(cookie, err)
                 self._flush_out()
             else:
-                self._submit_req(WRITE, flags, cookie, offset, length, view)
+                self._write(flags, cookie, offset, length, view)
                 self._flush_out()  # an answer given inline
             return
         self._end += nbytes
@@ -253,11 +270,15 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         pos = self._start
         end = self._end
         check = self.rules.check
-        dispatch = self._dispatch
+        t = self._rtick = self._rtick - 1
+        if t:
+            dispatch = self._dispatch
+        else:
+            self._rtick = SAMPLE_EVERY
+            dispatch = self._dispatch_timed
         big = False
-        produced = 0  # read reply bytes built in this pass
         nread = 0  # read bytes served in this pass (added to the server's count once)
-        read_batch = self._read_batch
+        read_batch = flush_at = self._read_batch  # replies go out every read_batch bytes
         while end - pos >= REQUEST_SIZE and not self._closing and not self._held:
             magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
             if magic != REQUEST_MAGIC:
@@ -276,8 +297,8 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                     if err:
                         self._reply_err(cookie, err)
                     else:  # the ring is reused: a target that keeps the data gets a copy
-                        self._submit_req(WRITE, flags, cookie, offset, length,
-                                         bytes(mv[p0:pos]) if self._copy else mv[p0:pos])
+                        self._write(flags, cookie, offset, length,
+                                    bytes(mv[p0:pos]) if self._copy else mv[p0:pos])
                     continue
                 if length >= BIG_IO or err:
                     # receive the rest outside the ring (or drain it, for a refused write)
@@ -319,10 +340,9 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
                 if cmd == 0:
                     nread -= length
             if cmd == 0:  # READ: bound what waits in memory for a slow reader
-                produced += length
                 nread += length
-                if produced >= read_batch:
-                    produced = 0
+                if nread >= flush_at:
+                    flush_at = nread + read_batch
                     self._flush_out()
                     if self._paused_writing:
                         self._hold()  # resume_writing parses the rest of the ring
@@ -356,20 +376,28 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
 
     # -- commands ----------------------------------------------------------------------------
+    def _cmd_read_remote(self, flags, cookie, offset, length):
+        """READ on a Diskless Primary: the peer reads (see NbdServer.set_remote_read)."""
+        self._stats.read_bytes -= length  # not from the local disk (_process counts it)
+        self._read_remote(cookie, offset, length)
+
+    def _route_reads(self) -> None:
+        """READ to the local disk, or to the peer while the server has a remote_read."""
+        if self.server.remote_read is None:
+            self._dispatch[NbdCmd.READ] = self._cmd_read
+            self._dispatch_timed[NbdCmd.READ] = self._cmd_read_timed
+        else:
+            self._dispatch[NbdCmd.READ] = self._dispatch_timed[NbdCmd.READ] = \
+                self._cmd_read_remote
+
+    def _cmd_read_timed(self, flags, cookie, offset, length):
+        t0 = _now()
+        try:
+            self._cmd_read(flags, cookie, offset, length)
+        finally:
+            self._stats.read_latency.observe(_now() - t0)
+
     def _cmd_read(self, flags, cookie, offset, length):
-        if self.server.remote_read is not None:  # Diskless Primary: the peer reads
-            self._stats.read_bytes -= length  # not from the local disk (_process counts it)
-            self._read_remote(cookie, offset, length)
-            return
-        t = self._rtick = self._rtick - 1
-        if not t:  # every SAMPLE_EVERY-th read is timed: this call again, with t = -1
-            t0 = _now()
-            try:
-                self._cmd_read(flags, cookie, offset, length)
-            finally:
-                self._rtick = SAMPLE_EVERY
-                self._stats.read_latency.observe(_now() - t0)
-            return
         backend = self.backend
         out = self._out
         if not self.structured:
@@ -486,6 +514,29 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
         self._out.append(payload)
 
     # -- asynchronous completion -------------------------------------------------------------
+    def _write_inline(self, flags, cookie, offset, length, data):
+        """A WRITE to a target that answers it inline (LocalTarget): nothing stays in flight,
+        so no accounting of held bytes; the timed one of every SAMPLE_EVERY goes the
+        general way."""
+        if self._tick == 1:
+            self._submit_req(WRITE, flags, cookie, offset, length, data)
+            return
+        self._tick -= 1
+        try:
+            self._target_write(offset, data, flags & _FUA)
+        except OSError as exc:
+            err = self._inline_error(WRITE, offset, length, exc.errno or errno.EIO)
+        else:
+            err = 0
+            self._stats.written_bytes += length
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def _inline_error(self, kind, offset, length, err) -> int:
+        if err != errno.ENOTSUP:
+            iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
+                        KIND_NAMES[kind], offset, length, os.strerror(err))
+        return nbd_errno(err)
+
     def _submit_req(self, kind, flags, cookie, offset, length, data):
         """Hand a write-type request to the target: it answers inline (a LocalTarget's
         page-cache write) or calls back when its promise holds (replication, FLUSH)."""
@@ -512,10 +563,7 @@ class NbdConnection(NbdSession, asyncio.BufferedProtocol):
             if not err:
                 self._stats.written_bytes += n
             else:
-                if err != errno.ENOTSUP:
-                    iolog.error("NBD I/O error", "%s: %s at %d+%d failed: %s", self.peer,
-                                KIND_NAMES[kind], offset, length, os.strerror(err))
-                err = nbd_errno(err)
+                err = self._inline_error(kind, offset, length, err)
             self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
             return
         if self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:

@@ -63,6 +63,7 @@ class Replicator:
     the node feeds acks and losses."""
 
     holds_data = True  # the payload is kept after submit returns (queued on the link)
+    writes_inline = False  # a WRITE completes when its protocol's promise holds
 
     def __init__(self, node):
         self.node = node

@@ -8,7 +8,9 @@ A front end (the NBD server) converts each request once into a neutral form and 
 truth values. The call returns an errno (0 = done) when the request completed inline, or
 None when `cb(cookie, errno)` will be called later. `holds_data` says whether the target
 keeps `data` after submit returns (then the front end must not hand it a view of a buffer
-it reuses). Two targets: `LocalTarget` (the disk itself, for `blockrep serve`) and the
+it reuses). A target that answers every WRITE inline may also offer
+`write(offset, data, fua)`, raising OSError on failure (`writes_inline = True`): the front
+end then calls it directly, the short path of `blockrep serve`. Two targets: `LocalTarget` (the disk itself, for `blockrep serve`) and the
 replicator of a replicated resource (blockrep.shell.replication.Replicator).
 
 Must not: know NBD (no NBD constants or flag bits here or in any target).
@@ -30,10 +32,12 @@ class LocalTarget:
     than a hand-off to a thread even at 1 MiB); FLUSH runs in the I/O threads."""
 
     holds_data = False
+    writes_inline = True
 
     def __init__(self, disk, executor):
         self.disk = disk
         self.executor = executor
+        self.write = disk.write  # write(offset, data, fua), inline; raises OSError
 
     def submit(self, kind, offset, length, data, fua, may_trim, fast_zero, cb, cookie):
         disk = self.disk
