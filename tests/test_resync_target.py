@@ -19,7 +19,7 @@ from blockrep.bitmap import BLOCK, Bitmap
 from blockrep.peer import proto
 from blockrep.peer.proto import P
 from blockrep.shell.bitmap_io import BitmapWriter
-from blockrep.shell.resync import ResyncTarget
+from blockrep.shell.resync_target import ResyncTarget
 from blockrep.state import DiskState, Generation, ReplState
 
 MiB = 1 << 20

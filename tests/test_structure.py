@@ -107,10 +107,22 @@ def test_no_import_circle_among_blockrep_modules():
 
 def test_node_py_stays_small():
     """node.py keeps the life cycle, the packet table and the state setters (admin.py,
-    connect.py, verify.py and resync.py hold the rest)."""
+    connect.py, verify.py and the resync modules hold the rest)."""
     with open(os.path.join(PKG, "shell", "node.py")) as f:
         n = sum(1 for _ in f)
     assert n <= 500, f"blockrep/shell/node.py has {n} lines"
+
+
+def test_no_shell_module_is_large():
+    """Every module of the shell stays readable in one sitting (about 500 lines; this
+    catches the drift beyond it)."""
+    sizes = {}
+    for name in sorted(os.listdir(os.path.join(PKG, "shell"))):
+        if name.endswith(".py"):
+            with open(os.path.join(PKG, "shell", name)) as f:
+                sizes[name] = sum(1 for _ in f)
+    big = {k: v for k, v in sizes.items() if v > 600}
+    assert not big, f"shell modules over 600 lines: {big}"
 
 
 # -- NBD constants stay behind the NBD boundary ------------------------------------------------

@@ -4,7 +4,7 @@ or replication: no sync, or a resync as source or target.
 
 Owns: taking over an established link (replacing an older one), applying a decision to the
 node (through its setters) and refusing a connection.
-Must not: decide (blockrep.state does), move resync data (resync.py does) or bytes
+Must not: decide (blockrep.state does), move resync data (resync_source.py, resync_target.py do) or bytes
 (link.py does); node.py calls in here from `on_link_established`.
 """
 
@@ -16,7 +16,8 @@ from .. import state as st
 from ..peer import messages, proto
 from ..peer.proto import P
 from ..state import ConnState, DiskState, ReplState, Role, Strategy
-from . import resync
+from .resync_source import start_source
+from .resync_target import start_target
 
 log = logging.getLogger("blockrep.node")
 
@@ -117,11 +118,11 @@ def established(node, link, body: dict) -> None:
         if node.disk_state == node.peer_disk == DiskState.UP_TO_DATE:
             node.fencer.peer_up_to_date()
     elif s in (Strategy.SOURCE, Strategy.SOURCE_FULL):
-        resync.start_source(node, link, full=s == Strategy.SOURCE_FULL,
-                            csum=d.checksum_resync, peer_gen=peer_gen)
+        start_source(node, link, full=s == Strategy.SOURCE_FULL,
+                     csum=d.checksum_resync, peer_gen=peer_gen)
     elif s in (Strategy.TARGET, Strategy.TARGET_FULL):
-        resync.start_target(node, link, full=s == Strategy.TARGET_FULL,
-                            total=node.size if s == Strategy.TARGET_FULL else 0)
+        start_target(node, link, full=s == Strategy.TARGET_FULL,
+                     total=node.size if s == Strategy.TARGET_FULL else 0)
     else:  # BOTH_NEW
         node.set_replication(ReplState.ESTABLISHED)
     node.discard_my_data = False

@@ -38,7 +38,8 @@ from .nbd_server import NbdServer
 from .bitmap_io import BitmapExchange, BitmapWriter
 from .applier import Applier
 from .replication import Replicator
-from .resync import ResyncSource, ResyncTarget
+from .resync_source import ResyncSource
+from .resync_target import ResyncTarget
 from .verify import Verifier
 
 log = logging.getLogger("blockrep.node")
