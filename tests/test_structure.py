@@ -128,6 +128,7 @@ def test_no_shell_module_is_large():
 # -- NBD constants stay behind the NBD boundary ------------------------------------------------
 
 NBD_BOUNDARY = ("blockrep.nbd", "blockrep.shell.nbd_server", "blockrep.shell.nbd_session",
+                "blockrep.shell.nbd_reads",
                 "blockrep.faults.writer")  # the core, its front end, the soak's NBD client
 NBD_NAMES = {"CmdFlag", "NbdCmd", "TransmissionFlag", "ClientFlag", "HandshakeFlag"}
 

@@ -38,8 +38,7 @@ from .nbd_server import NbdServer
 from .bitmap_io import BitmapExchange, BitmapWriter
 from .applier import Applier
 from .replication import Replicator
-from .resync_source import ResyncSource
-from .resync_target import ResyncTarget
+from . import resync_source, resync_target
 from .verify import Verifier
 
 log = logging.getLogger("blockrep.node")
@@ -96,8 +95,8 @@ class Node:
         self.hooks = Handlers(self)  # [handlers] (shell/handlers.py)
         self.fencer = Fencer(self)
         self.congestion = Congestion(self)
-        self.resync_source: ResyncSource | None = None
-        self.resync_target: ResyncTarget | None = None
+        self.resync_source: resync_source.ResyncSource | None = None
+        self.resync_target: resync_target.ResyncTarget | None = None
         self.resync_task: asyncio.Task | None = None
         self.bitmap_writer = BitmapWriter(self)
         self.bitmap_exchange: BitmapExchange | None = None
