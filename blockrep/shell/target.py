@@ -37,7 +37,9 @@ class LocalTarget:
     def __init__(self, disk, executor):
         self.disk = disk
         self.executor = executor
-        self.write = disk.write  # write(offset, data, fua), inline; raises OSError
+        # write(offset, data, fua), inline; raises OSError (a backend that cannot write:
+        # EROFS for every WRITE)
+        self.write = getattr(disk, "write", None) or _read_only
 
     def submit(self, kind, offset, length, data, fua, may_trim, fast_zero, cb, cookie):
         disk = self.disk
@@ -57,6 +59,10 @@ class LocalTarget:
         except OSError as exc:
             return exc.errno or errno.EIO
         return 0
+
+
+def _read_only(offset, data, fua) -> None:
+    raise OSError(errno.EROFS, "the backend cannot write")
 
 
 def _flushed(cb, cookie, fut) -> None:
