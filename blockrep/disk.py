@@ -135,6 +135,9 @@ class Disk:
             if direct and self.size % DIRECT_ALIGN:
                 raise ValueError(f"{path}: O_DIRECT needs a size that is a multiple of "
                                  f"{DIRECT_ALIGN}")
+            # no holes anywhere (a block device, or a file with every block allocated): the
+            # hole probes below answer without a system call until something punches one
+            self.dense = self.is_block or os.fstat(self.fd).st_blocks * 512 >= self.size
         except BaseException:
             os.close(self.fd)
             raise
@@ -232,6 +235,7 @@ class Disk:
             os.fdatasync(self.fd)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        self.dense = False  # a punched or zeroed range may be a hole from now on
         fallocate(self.fd, mode, offset, length)
 
     def _write_zeroes(self, offset: int, length: int) -> None:
@@ -249,10 +253,11 @@ class Disk:
     def extents(self, offset: int, length: int, max_extents: int = 1 << 16):
         """[(offset, length, is_hole)] covering [offset, offset+length), from SEEK_DATA/HOLE.
 
-        Block devices (and file systems without SEEK_DATA) report all data.
+        A dense disk (a block device, a file with every block allocated) and file systems
+        without SEEK_DATA report all data.
         """
         end = offset + length
-        if self.is_block:
+        if self.dense:
             return [(offset, length, False)]
         out = []
         pos = offset
@@ -279,8 +284,8 @@ class Disk:
         return out  # shorter than `length` only when max_extents was reached
 
     def starts_with_data(self, offset: int) -> bool:
-        """Cheap probe: is the byte at offset allocated? (one lseek)"""
-        if self.is_block:
+        """Cheap probe: is the byte at offset allocated? (one lseek, none on a dense disk)"""
+        if self.dense:
             return True
         try:
             return os.lseek(self.fd, offset, os.SEEK_DATA) == offset

@@ -436,6 +436,25 @@ def test_starts_with_data_tail_hole(d):
     assert not d.starts_with_data(8192)  # SEEK_DATA past the last data: ENXIO
 
 
+def test_dense_disk_answers_hole_probes_until_a_hole_is_punched(path, d):
+    """A fully allocated file needs no SEEK_DATA per read; a punched range makes the probes
+    real again (a stale 'dense' would hide the hole)."""
+    assert not d.dense  # a new sparse image
+    fill(d)
+    d.close()
+    dense = Disk(path)
+    try:
+        assert dense.dense
+        assert dense.starts_with_data(128 * KiB)
+        assert dense.extents(0, MiB) == [(0, MiB, False)]
+        dense.trim(128 * KiB, 64 * KiB)
+        assert not dense.dense
+        assert not dense.starts_with_data(128 * KiB)
+        assert (128 * KiB, 64 * KiB, True) in dense.extents(0, MiB)
+    finally:
+        dense.close()
+
+
 # -- O_DIRECT ----------------------------------------------------------------------------------
 
 @pytest.fixture

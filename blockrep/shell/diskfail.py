@@ -147,6 +147,7 @@ class DiskFailure:
                 if fresh.size < need:
                     raise ValueError(f"{disk.path}: {fresh.size} bytes, needs {need}")
                 os.dup2(fresh.fd, disk.fd)  # closes the failed one; the lock goes along
+                disk.dense = fresh.dense  # the new disk's holes, not the old one's
             finally:
                 fresh.close()
         except (OSError, ValueError):
