@@ -34,6 +34,14 @@ WORKLOADS = {
     "1m-seqwrite-qd8": dict(rw="write", bs="1m", iodepth=8),
     "1m-seqread-qd8": dict(rw="read", bs="1m", iodepth=8),
 }
+DEFAULT_WORKLOADS = ",".join(WORKLOADS)
+# multi-conn scale figures (not run unless named): N NBD connections, one fio job each, at
+# QD32 per connection; IOPS are the sum over the connections
+for _n in (4, 8):
+    WORKLOADS[f"4k-randwrite-qd32-{_n}conn"] = dict(rw="randwrite", bs="4k", iodepth=32,
+                                                   numjobs=_n)
+    WORKLOADS[f"4k-randread-qd32-{_n}conn"] = dict(rw="randread", bs="4k", iodepth=32,
+                                                  numjobs=_n)
 
 
 def checkout_of(py: str) -> str:
@@ -379,7 +387,8 @@ def run_fio(uri: str, wl: dict, runtime: int, size: int,
     per MiB it is that rate divided by fio's IOPS / MiB/s. The client's own CPU comes from
     fio's usr_cpu + sys_cpu."""
     argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={wl['rw']}",
-            f"--bs={wl['bs']}", f"--iodepth={wl['iodepth']}", "--numjobs=1",
+            f"--bs={wl['bs']}", f"--iodepth={wl['iodepth']}",
+            f"--numjobs={wl.get('numjobs', 1)}", "--group_reporting",
             f"--size={size}", "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}",
             "--randrepeat=0", "--norandommap", "--output-format=json"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -740,7 +749,8 @@ def main(argv=None) -> int:
                                       "(tls = require, nbds:// URI), e.g. blockrep-nbdtls, "
                                       "blockrep-repl-tls-nbdtls; + '-poll' runs it with "
                                       "busy polling")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
+                    help=f"comma list of {', '.join(WORKLOADS)} (default: {DEFAULT_WORKLOADS})")
     ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per workload (median)")
     ap.add_argument("--size-mib", type=int, default=1024, help="backing file size")

@@ -169,11 +169,14 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         self._kick = None  # BusyPoll.kick once past the handshake, when busy polling is on
         self._copy = server.target.holds_data  # it keeps the payload: not a view of the ring
         # WRITE: the short path to a target that answers it inline, else the general one
+        # (every SAMPLE_EVERY-th receive pass uses _write_timed; a target answering later
+        # times its requests itself, see _submit_req)
         if getattr(server.target, "writes_inline", False):
             self._write = self._write_inline
+            self._write_timed = self._write_inline_timed
             self._target_write = server.target.write
         else:
-            self._write = partial(self._submit_req, WRITE)
+            self._write = self._write_timed = partial(self._submit_req, WRITE)
         self._complete_scheduled = False
         self._stats = server.stats
         self._tick = SAMPLE_EVERY  # write-type requests until the next timed one
@@ -236,6 +239,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                 self._reply_err(cookie, err)
                 self._flush_out()
             else:
+                self._stats.written_bytes += length  # taken back if it fails
                 self._write(flags, cookie, offset, length, view)
                 self._flush_out()  # an answer given inline
             return
@@ -264,16 +268,21 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         t = self._rtick = self._rtick - 1
         if t:
             dispatch = self._dispatch
-        else:
+            write = self._write
+        else:  # this pass's reads and (inline) writes are timed
             self._rtick = SAMPLE_EVERY
             dispatch = self._dispatch_timed
+            write = self._write_timed
         big = False
         nread = 0  # read bytes served in this pass (added to the server's count once)
+        nwritten = 0  # write payload bytes taken in (failures are taken back where they fail)
+        copy = self._copy
         read_batch = flush_at = self._read_batch  # replies go out every read_batch bytes
         while end - pos >= REQUEST_SIZE and not self._closing and not self._held:
             magic, flags, cmd, cookie, offset, length = _unpack_req(buf, pos)
             if magic != REQUEST_MAGIC:
                 log.warning("%s: bad request magic %#x; disconnecting", self.peer, magic)
+                self._stats.written_bytes += nwritten
                 self._start = self._end = 0
                 self._flush_out()
                 self._closing = True
@@ -288,8 +297,9 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                     if err:
                         self._reply_err(cookie, err)
                     else:  # the ring is reused: a target that keeps the data gets a copy
-                        self._write(flags, cookie, offset, length,
-                                    bytes(mv[p0:pos]) if self._copy else mv[p0:pos])
+                        nwritten += length
+                        write(flags, cookie, offset, length,
+                              bytes(mv[p0:pos]) if copy else mv[p0:pos])
                     continue
                 if length >= BIG_IO or err:
                     # receive the rest outside the ring (or drain it, for a refused write)
@@ -309,6 +319,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
             pos += REQUEST_SIZE
             if cmd == 2:  # NbdCmd.DISC
                 self._stats.read_bytes += nread
+                self._stats.written_bytes += nwritten
                 self._start = self._end = 0
                 self._flush_out()
                 asyncio.ensure_future(self.drain_and_close())
@@ -339,6 +350,8 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                         self._hold()  # resume_writing parses the rest of the ring
         if nread:
             self._stats.read_bytes += nread
+        if nwritten:
+            self._stats.written_bytes += nwritten
         if pos == end:
             self._start = self._end = 0
         else:
@@ -379,20 +392,20 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
     # -- asynchronous completion -------------------------------------------------------------
     def _write_inline(self, flags, cookie, offset, length, data):
         """A WRITE to a target that answers it inline (LocalTarget): nothing stays in flight,
-        so no accounting of held bytes; the timed one of every SAMPLE_EVERY goes the
-        general way."""
-        if self._tick == 1:
-            self._submit_req(WRITE, flags, cookie, offset, length, data)
-            return
-        self._tick -= 1
+        so no accounting of held bytes. Its bytes were counted as written by the caller
+        (taken back here on an error)."""
         try:
             self._target_write(offset, data, flags & _FUA)
-        except OSError as exc:
-            err = self._inline_error(WRITE, offset, length, exc.errno or errno.EIO)
-        else:
             err = 0
-            self._stats.written_bytes += length
+        except OSError as exc:
+            self._stats.written_bytes -= length
+            err = self._inline_error(WRITE, offset, length, exc.errno or errno.EIO)
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def _write_inline_timed(self, flags, cookie, offset, length, data):
+        t0 = _now()
+        self._write_inline(flags, cookie, offset, length, data)
+        self._stats.by_kind[WRITE].observe(_now() - t0)
 
     def _inline_error(self, kind, offset, length, err) -> int:
         if err != errno.ENOTSUP:
@@ -423,9 +436,8 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
             srv.inflight_bytes -= n
             if not t:
                 self._stats.by_kind[kind].observe(_now() - key[3])
-            if not err:
-                self._stats.written_bytes += n
-            else:
+            if err:
+                self._stats.written_bytes -= n  # a WRITE counted by the caller failed
                 err = self._inline_error(kind, offset, length, err)
             self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
             return
@@ -442,8 +454,8 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         if err:
             err = nbd_errno(err)
         if n:
-            if not err:
-                self._stats.written_bytes += n
+            if err:
+                self._stats.written_bytes -= n  # counted when it came in: it failed
             if not self._lost:  # completions still due do not count twice (nbd_session)
                 self._wbytes -= n
                 self.server.inflight_bytes -= n
