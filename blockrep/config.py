@@ -31,6 +31,7 @@ RESOURCE_KEYS = {
     "nbd-tls": str, "nbd-handshake-timeout": (int, float),
     "handshake-timeout": (int, float),
     "busy-poll": (int, float), "csums-alg": str, "verify-alg": str,
+    "csums-after-crash-only": bool,
     "compression": str,
     "sndbuf-size": str, "congestion-fill": str, "on-congestion": str,
     "max-handshakes": int, "tls": bool, "tls-cert": str, "tls-key": str, "tls-ca": str,
@@ -104,6 +105,9 @@ class ResourceConfig:
     on_congestion: str = "block"  # block | pull-ahead
     tls: bool = False
     csums_alg: str = digest.DEFAULT  # block digest of checksum-mode resync (blockrep.digest)
+    # checksum-mode resync only after a Primary crash (DRBD's csums-after-crash-only);
+    # false: every resync this node sources compares digests first
+    csums_after_crash_only: bool = True
     verify_alg: str = digest.DEFAULT  # block digest of online verify
     fencing: str = "dont-care"
     on_io_error: str = "detach"  # detach | pass-on (docs/operations.md "Disk failures")
@@ -488,6 +492,7 @@ def parse(raw: dict, path: str = "<config>") -> ResourceConfig:
             raise ConfigError(f"{path}: resource.max-handshakes must be 1..1024")
         cfg.max_handshakes = res["max-handshakes"]
     cfg.tls = res.get("tls", False)
+    cfg.csums_after_crash_only = res.get("csums-after-crash-only", True)
     if cfg.tls:
         for n in nodes.values():
             for key in TLS_FILES:

@@ -571,6 +571,14 @@ def test_digest_algorithms_default():
     assert cfg.csums_alg == cfg.verify_alg == "xxh3-128"  # docs/operations.md
 
 
+def test_csums_after_crash_only_default_true_and_a_boolean():
+    assert parse(base()).csums_after_crash_only is True
+    cfg = parse(with_(lambda r: r["resource"].update({"csums-after-crash-only": False})))
+    assert cfg.csums_after_crash_only is False
+    bad(with_(lambda r: r["resource"].update({"csums-after-crash-only": "no"})),
+        "resource.csums-after-crash-only", "wrong type")
+
+
 @pytest.mark.parametrize("alg", ["xxh3-128", "sha256", "blake2b-128", "blake2b-256"])
 def test_digest_algorithms_accepted(alg):
     cfg = parse(with_(lambda raw: raw["resource"].update({"csums-alg": alg,

@@ -69,12 +69,16 @@ class DistancePair(B.ReplicatedTarget):
     """A replicated pair whose link (alpha dials beta) runs through a shaped proxy."""
 
     def __init__(self, name: str, disk: str, tmp: str, *, protocol: str, compression: str,
-                 rtt_ms: float, rate: str):
+                 rtt_ms: float, rate: str, sndbuf: str = "0", csums: bool = False):
         super().__init__(name, disk, tmp)
         beta_link = self.pair.ports["beta"][0]
         self.proxy = ProxyThread(("127.0.0.1", beta_link))
         self.proxy.shape(delay_ms=rtt_ms / 2, rate=rate)
         extra = f'protocol = "{protocol}"\ncompression = "{compression}"\n'
+        if csums:  # checksum-mode resync for every resync, not only after a crash
+            extra += "csums-after-crash-only = false\n"
+        if sndbuf not in ("", "0"):
+            extra += f'sndbuf-size = "{sndbuf}"\n'  # on-congestion = block: A waits when full
         self._edit_configs(lambda t: t.replace("[resource]\n", f"[resource]\n{extra}"))
         path = self.pair.configs["alpha"]
         with open(path) as f:
@@ -171,7 +175,8 @@ def run_link_tables(args, tmp: str, disk: str) -> None:
                 print(f"# {name}", flush=True)
                 try:
                     pair = DistancePair(name, disk, tmp, protocol=proto,
-                                        compression=args.compression, rtt_ms=rtt, rate=rate)
+                                        compression=args.compression, rtt_ms=rtt, rate=rate,
+                                        sndbuf=args.sndbuf)
                 except Exception as exc:  # noqa: BLE001 - printed in the table
                     rows.append((rate, rtt, proto, {w: _why(exc) for w in IO_WORKLOADS}))
                     continue
@@ -187,7 +192,8 @@ def run_link_tables(args, tmp: str, disk: str) -> None:
                 rows.append((rate, rtt, proto, r))
             rows.append((rate, rtt, "standalone", standalone))
     print()
-    print(f"link compression: {args.compression}; fio {args.runtime} s per cell; "
+    print(f"link compression: {args.compression}; sndbuf-size {args.sndbuf}; "
+          f"fio {args.runtime} s per cell; "
           f"4K on 64 MiB, 1M on {min(args.size_mib, 1024)} MiB; QD32 for 1M")
     print(f"{'rate':<6} {'RTT ms':>6} {'proto':<10} | {'4k-qd1 IOPS':>9} {'p50 us':>9} "
           f"{'p99 us':>9} {'MB/s':>8} | {'4k-qd32':>9} {'p50 us':>9} {'p99 us':>9} {'MB/s':>8}"
@@ -244,14 +250,19 @@ def run_outage_tables(args, tmp: str) -> None:
     size = args.resync_size_mib << 20
     rtt, rate = float(args.outage_rtt), args.outage_rate
     rows, rsyncs, live = [], [], []
+    comps = args.resync_compression.split(",")
+    cases = [(c, "bitmap") for c in comps]
+    if "checksum" in args.resync_modes.split(","):
+        cases += [(c, "checksum") for c in comps]
     for data in args.change_data.split(","):
-        for comp in args.resync_compression.split(","):
+        for comp, mode in cases:
             disk = os.path.join(tmp, "outage.img")
-            print(f"# outage: {data} data, compression {comp}: preparing {size >> 20} MiB",
-                  flush=True)
+            print(f"# outage: {data} data, compression {comp}, {mode} mode: preparing "
+                  f"{size >> 20} MiB", flush=True)
             B.prepare_disk(disk, size)
-            pair = DistancePair(f"outage-{data}-{comp}", disk, tmp, protocol="C",
-                                compression=comp, rtt_ms=rtt, rate=rate)
+            pair = DistancePair(f"outage-{data}-{comp}-{mode}", disk, tmp, protocol="C",
+                                compression=comp, rtt_ms=rtt, rate=rate,
+                                csums=mode == "checksum")
             try:
                 pair.start(tmp)
                 data_size = pair.status("alpha")["size_bytes"]
@@ -266,7 +277,8 @@ def run_outage_tables(args, tmp: str) -> None:
                 rsync_dir = os.path.join(tmp, "rsync-dst")
                 os.makedirs(rsync_dir, exist_ok=True)
                 rsync_copy = os.path.join(rsync_dir, os.path.basename(disk))
-                if comp == args.resync_compression.split(",")[0]:
+                first = (comp, mode) == cases[0]
+                if first:
                     shutil.copyfile(pair.secondary, rsync_copy)  # what the secondary has
                 subprocess.run(["/usr/bin/python3", "-c", CHANGE_WRITER, pair.uri, listfile,
                                 data], check=True, timeout=3600)
@@ -280,9 +292,9 @@ def run_outage_tables(args, tmp: str) -> None:
                 wire = pair.wire_bytes() - w0
                 if not B._same(disk, pair.secondary, data_size):
                     raise RuntimeError("disks differ after the resync")
-                rows.append((data, comp, "bitmap", dirty, wire, s["last_sync"]["elapsed_s"],
+                rows.append((data, comp, mode, dirty, wire, s["last_sync"]["elapsed_s"],
                              secs))
-                if comp == args.resync_compression.split(",")[0]:
+                if first:
                     pair.stop()
                     for z in (False, True):
                         print(f"# rsync {'-z' if z else 'no -z'} ({data} data)", flush=True)
@@ -309,8 +321,8 @@ def run_outage_tables(args, tmp: str) -> None:
     for data, z, r in rsyncs:
         print(f"{data:<7} {'rsync --inplace ' + z:<22} {'delta':<7} {'':>12} {r['wire']:>12} "
               f"{'':>6} {r['seconds']:>8.2f}")
-    print("(checksum-mode resync runs only after a Primary crash in this build; it has no "
-          "operator switch, so it is not in this table)")
+    print("(checksum mode: csums-after-crash-only = false, a digest per dirty block first, "
+          "data only where the digests differ; here every changed block differs)")
     print()
     print(f"data gap if the secondary is brought up to date by rsync from cron every "
           f"{args.cron_interval_s:g} s: up to interval + run time")
@@ -347,6 +359,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--compression", default="none", help="link compression for the IOPS "
                    "table (none, lz4, zstd[:level])")
     g.add_argument("--burst-s", type=int, default=10, help="seconds of the gap burst")
+    g.add_argument("--sndbuf", default="0", help="sndbuf-size of the link tables' pairs "
+                   "(e.g. 8M; 0 = unbounded): what protocol A may hold unsent, so its gap")
     g.add_argument("--gap-all", action="store_true", help="gap burst at every RTT, not only "
                    "the largest")
     g.add_argument("--resync-size-mib", type=int, default=2048)
@@ -354,6 +368,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--change-data", default="text,random", help="text (text-like, "
                    "compressible) and/or random")
     g.add_argument("--resync-compression", default="none,lz4,zstd")
+    g.add_argument("--resync-modes", default="bitmap,checksum",
+                   help="bitmap and/or checksum (csums-after-crash-only = false)")
     g.add_argument("--outage-rtt", default="50", help="RTT (ms) of the outage tables")
     g.add_argument("--outage-rate", default="100M", help="bandwidth of the outage tables")
     g.add_argument("--cron-interval-s", type=float, default=300.0)

@@ -87,7 +87,8 @@ class _Pipe:
             self.queue.append((self.sched.release_time(time.monotonic(), len(data)), data))
             self.queued += len(data)
             self.changed.set()
-            while self.queued >= p.buffer_bytes:
+            hold = self.sched.shape.holds()
+            while self.queued >= (min(hold, p.buffer_bytes) if hold else p.buffer_bytes):
                 self.changed.clear()
                 await self.changed.wait()
         self.queue.append((0.0, b""))  # EOF marker
@@ -138,9 +139,12 @@ class _Conn:
         try:
             await p.flowing.wait()  # a blackholed link does not even connect
             ureader, self.uwriter = await asyncio.open_connection(*p.target)
-            for w in (self.cwriter, self.uwriter):
-                w.transport.get_extra_info("socket").setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for w, inbound in ((self.cwriter, FWD), (self.uwriter, REV)):
+                sock = w.transport.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                hold = p.shapes[inbound].holds()
+                if hold:  # a shaped direction: the kernel buffers no more than the link
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, hold)
             pipes = (_Pipe(p, FWD, self.creader, self.uwriter),
                      _Pipe(p, REV, ureader, self.cwriter))
             tasks = [asyncio.ensure_future(f()) for pipe in pipes

@@ -13,6 +13,10 @@ import random
 from dataclasses import dataclass, field
 
 
+QUEUE_S = 0.02  # a rate-limited direction's bottleneck queue, in seconds at its rate
+MIN_HOLD = 64 * 1024
+
+
 @dataclass
 class Shape:
     """How one direction of a link behaves. Zero means "no limit" / "no delay"."""
@@ -23,6 +27,15 @@ class Shape:
     def describe(self) -> dict:
         return {"delay_ms": round(self.delay * 1000, 3), "jitter_ms": round(self.jitter * 1000, 3),
                 "rate_bps": self.rate * 8}
+
+    def holds(self) -> int:
+        """Bytes a rate-limited direction holds at most: what is in flight (rate x delay)
+        plus a bottleneck queue of QUEUE_S at the rate (a router's buffer), at least
+        MIN_HOLD; 0 for a direction without a rate (the proxy's own bound applies). More
+        would be buffering no real link has, and would hide a slow link from the sender."""
+        if self.rate <= 0:
+            return 0
+        return max(MIN_HOLD, int(self.rate * (self.delay + self.jitter + QUEUE_S)))
 
 
 @dataclass

@@ -25,7 +25,7 @@ TUNABLE = ("ping_interval", "timeout", "connect_interval", "barrier_interval",
            "resync_rate", "resync_window", "c_min_rate", "c_max_rate", "c_fill_target",
            "after_sb_0pri", "after_sb_1pri", "fencing", "handlers", "fence_peer_timeout",
            "handler_timeout", "handshake_timeout", "max_handshakes", "nbd_handshake_timeout",
-           "shared_secret", "protocol")
+           "shared_secret", "protocol", "csums_after_crash_only")
 # ... and those that need `blockrep down` + `blockrep up`
 RESTART = ("name", "run_dir", "admin_group", "tls", "nbd_tls")
 NODE_FIELDS = ("address", "disk", "nbd", "meta_disk", "export", "nbd_tls_cert",

@@ -118,8 +118,11 @@ def established(node, link, body: dict) -> None:
         if node.disk_state == node.peer_disk == DiskState.UP_TO_DATE:
             node.fencer.peer_up_to_date()
     elif s in (Strategy.SOURCE, Strategy.SOURCE_FULL):
+        # checksum mode after a Primary crash (mostly equal extents), or for every resync
+        # when csums-after-crash-only = false (rewritten or copied data)
         start_source(node, link, full=s == Strategy.SOURCE_FULL,
-                     csum=d.checksum_resync, peer_gen=peer_gen)
+                     csum=d.checksum_resync or not node.cfg.csums_after_crash_only,
+                     peer_gen=peer_gen)
     elif s in (Strategy.TARGET, Strategy.TARGET_FULL):
         start_target(node, link, full=s == Strategy.TARGET_FULL,
                      total=node.size if s == Strategy.TARGET_FULL else 0)

@@ -298,3 +298,13 @@ def test_flip_at_a_chosen_position(proxy):
         got2 = recv_n(s, 2)
     assert got == b"abc" + bytes([ord("d") ^ 0xFF]) + b"efgh"
     assert got2 == b"x" + bytes([ord("y") ^ 0xFF])
+
+
+def test_a_shaped_direction_holds_what_a_real_link_would():
+    """In flight (rate x delay) plus a 20 ms bottleneck queue, at least 64 KiB; unshaped
+    directions are bounded by the proxy's own buffer only."""
+    from blockrep.faults.shaping import Shape, parse_rate
+
+    assert Shape().holds() == 0
+    assert Shape(delay=0.025, rate=parse_rate("100M")).holds() == int(12.5e6 * 0.045)
+    assert Shape(delay=0.0, rate=parse_rate("1M")).holds() == 64 * 1024

@@ -457,3 +457,43 @@ def test_invalidate_secondary_full_resync_refused_on_primary(cluster):
     assert b["last_sync"]["total_bytes"] == size, b["last_sync"]
     assert a["last_sync"]["total_bytes"] == size, a["last_sync"]
     cmp_data(c, size)
+
+
+# -- csums-after-crash-only = false: every resync compares digests first -----------------------
+
+def test_checksum_resync_for_every_resync_when_not_only_after_crash(cluster):
+    """Blocks rewritten with the bytes they already held while the peer was away are marked
+    out of sync but equal: with `csums-after-crash-only = false` the resync sends a digest per
+    block and no data (with the default, bitmap mode copies them all)."""
+    from support.nbd_testlib import RawClient
+
+    c = cluster(size="64M", resource={"csums-after-crash-only": False})
+    c.up_pair()
+    blocks = 1024  # 4 MiB, every 4th block of the first 16 MiB
+    data = {b * 16384: os.urandom(4096) for b in range(blocks)}
+    with RawClient(c.nbd_port("alpha")) as cl:
+        cl.handshake()
+        for off, d in data.items():
+            assert cl.write(off, d) == 0
+    c.wait_status("beta", lambda s: s["counters"]["writes_applied"] >= blocks, 30,
+                  "the writes applied on beta")
+    c.cli("beta", "disconnect")
+    c.wait_status("alpha", lambda s: s["connection"] != "Connected", 30, "disconnected")
+    with RawClient(c.nbd_port("alpha")) as cl:
+        cl.handshake()
+        for off, d in data.items():  # the same bytes again: the peer already has them
+            assert cl.write(off, d) == 0
+    dirty = c.status("alpha")["out_of_sync_bytes"]
+    assert dirty == blocks * 4096, dirty
+    c.cli("beta", "connect")
+    a = c.wait_status("alpha", synced, 60, "alpha resynced")
+    b = c.wait_status("beta", lambda s: established(s) and s["disk"] == "UpToDate", 60,
+                      "beta UpToDate")
+    ls = a["last_sync"]
+    print(f"\ncsums for every resync: {dirty} bytes marked, sent_bytes={ls['sent_bytes']}, "
+          f"differing on target={b['counters']['resync_differing_bytes']}")
+    assert a["decision"]["strategy"] == "sync-source", a["decision"]
+    assert ls["total_bytes"] == dirty, ls
+    assert ls["sent_bytes"] < dirty // 64, ls  # digests only (16 of 4096 bytes per block)
+    assert b["counters"]["resync_differing_bytes"] == 0, b["counters"]
+    cmp_data(c, a["size_bytes"])
