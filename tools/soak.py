@@ -90,6 +90,16 @@ class Soak:
         self.fio = collections.Counter()
         self.fio_proc: asyncio.subprocess.Process | None = None
 
+    def kill_fio(self) -> None:
+        """End the running fio job, if any: one that has just exited but is not yet reaped
+        raises ProcessLookupError, which is not a failure of the soak."""
+        proc = self.fio_proc
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+
     def say(self, text: str) -> None:
         if self.args.verbose:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -376,8 +386,7 @@ class Soak:
         self.client_epoch += 1  # the clients' connections are closed on purpose
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.fio_proc is not None and self.fio_proc.returncode is None:
-                self.fio_proc.kill()  # (also one that started just now)
+            self.kill_fio()  # (also one that started just now)
             s = await prim.status()
             if s is not None and s["nbd"]["clients"] == 0:
                 try:
@@ -448,8 +457,7 @@ class Soak:
         except asyncio.TimeoutError:
             self.notes.append(f"writer stuck: {len(self.ledger.in_flight)} writes unanswered"
                               + (", a fio job unfinished" if self.fio_proc else ""))
-            if self.fio_proc is not None:
-                self.fio_proc.kill()
+            self.kill_fio()
             writer_task.cancel()
         settled = await self.wait(self.healthy, self.args.settle, "both nodes in sync")
         stuck = [] if settled else sorted(self.nodes)
