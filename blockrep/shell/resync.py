@@ -26,6 +26,7 @@ the source's generation only after a final flush.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from ..peer import proto
@@ -38,6 +39,7 @@ APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
 APP_BUSY_BYTES = 32 * 1024  # application bytes per 100 ms that make c-min-rate apply
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
 _crc = proto.native.crc32c
+log = logging.getLogger("blockrep.resync")
 
 
 def _check_data(payload, size: int, crc: int, offset: int) -> None:
@@ -72,3 +74,16 @@ class Progress:
                 "rate_bytes_per_s": int(rate),
                 "eta_s": round(left / rate, 1) if rate > 0 else None,
                 "elapsed_s": round(now - self.started, 2), "sent_bytes": self.sent_bytes}
+
+
+def finished(node, side: str, progress: Progress, **extra) -> None:
+    """The end both sides share once the resync is done (`side`: "source" or "target"):
+    the record for status, the log line and the event, the metadata, the new state to the
+    peer, and fencing told that the peer is UpToDate."""
+    node.last_sync = {"role": f"Sync{side.capitalize()}",
+                      **progress.as_dict(node.loop.time()), **extra}
+    log.info("resync finished as %s: %s", side, node.last_sync)
+    node.emit("resync-finished", **node.last_sync)
+    node.persist()
+    node.send_state()
+    node.fencer.peer_up_to_date()

@@ -22,7 +22,7 @@ from ..state import DiskState, ReplState
 from .bitmap_io import BitmapExchange
 from .buffers import BufferPool
 from .resync import (APP_BUSY, APP_BUSY_BYTES, ASYNC_MIN, BATCH_RUN, BATCH_RUNS, BATCH_SPAN,
-                     CHUNK, Progress)
+                     CHUNK, Progress, finished)
 
 log = logging.getLogger("blockrep.resync")
 
@@ -350,11 +350,5 @@ async def _run_source(node, link, ex, csum: bool, peer_gen) -> None:
         # copied our data to the peer: both now hold the same, newest data
         node.set_disk(DiskState.UP_TO_DATE)
     link.send_control(P.CONTROL, {"op": "sync-done", "gen": node.gen.to_wire()})
-    node.last_sync = {"role": "SyncSource", **src.progress.as_dict(node.loop.time()),
-                      "requests": src.next_id - 1,
-                      "batched_runs": src.batched_runs}
-    log.info("resync finished as source: %s", node.last_sync)
-    node.emit("resync-finished", **node.last_sync)
-    node.persist()
-    node.send_state()
-    node.fencer.peer_up_to_date()
+    finished(node, "source", src.progress, requests=src.next_id - 1,
+             batched_runs=src.batched_runs)

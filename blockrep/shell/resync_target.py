@@ -18,7 +18,7 @@ from ..peer import messages, proto
 from ..peer.proto import P
 from ..state import DiskState, ReplState
 from .bitmap_io import BitmapExchange
-from .resync import ASYNC_MIN, Progress, _check_data
+from .resync import ASYNC_MIN, Progress, _check_data, finished
 
 log = logging.getLogger("blockrep.resync")
 
@@ -121,13 +121,7 @@ class ResyncTarget:
         node.resync_target = None
         node.set_replication(ReplState.ESTABLISHED)
         node.set_disk(DiskState.UP_TO_DATE)
-        node.last_sync = {"role": "SyncTarget", **self.progress.as_dict(node.loop.time()),
-                          "flushes": self.flushes}
-        log.info("resync finished as target: %s", node.last_sync)
-        node.emit("resync-finished", **node.last_sync)
-        node.persist()
-        node.send_state()
-        node.fencer.peer_up_to_date()
+        finished(node, "target", self.progress, flushes=self.flushes)
         node.hooks.fire("after-resync-target", RESYNC_BYTES=self.progress.done)
 
     # -- data --------------------------------------------------------------------------------
