@@ -144,13 +144,13 @@ def _burst_gap(pair: DistancePair, args) -> dict:
     res: dict = {}
     # the workloads before may have left a backlog (protocol A over a slow link): the burst
     # starts once the peer has everything, so its gap is its own
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
         g = _gap_fields(pair.status("alpha"))
         if not any(v for k, v in g.items() if k != "out_of_sync_bytes"):
             break
         time.sleep(0.2)
-    res["drained_s"] = round(120 - (deadline - time.monotonic()), 1)
+    res["drained_s"] = round(time.monotonic() - t0, 1)
 
     def run():
         try:

@@ -45,7 +45,7 @@ class LocalTarget:
         disk = self.disk
         try:
             if kind == WRITE:
-                disk.write(offset, data, fua)
+                self.write(offset, data, fua)  # the short path's own call (EROFS without one)
             elif kind == FLUSH:
                 fut = asyncio.get_running_loop().run_in_executor(self.executor, disk.flush)
                 fut.add_done_callback(partial(_flushed, cb, cookie))
