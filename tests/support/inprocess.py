@@ -12,12 +12,14 @@ two Nodes joined by that link on one event loop (no sockets, no subprocesses).
   ranges unsupported, like a backing file system that cannot. (In-process, at the Disk
   API; `blockrep.faults.disk.FaultyDisk` is the out-of-process one: nbdkit's error filter
   behind nbdfuse, for tests that run real node processes.)
-- `Pair`: alpha (Primary) and beta (Secondary), both UpToDate with the same data, connected.
+- `Pair`: alpha (Primary) and beta (Secondary), both UpToDate with the same data, connected;
+  `compression=` "lz4" for both, or {"alpha": "zstd", "beta": "none"} for each its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import threading
@@ -27,6 +29,7 @@ from blockrep import state as st
 from blockrep.config import NodeConfig, ResourceConfig
 from blockrep.disk import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Disk
 from blockrep.nbd.handshake import make_export
+from blockrep.peer import compress
 from blockrep.shell import admin
 from blockrep.shell import node as node_mod
 from blockrep.shell.link import PeerLink
@@ -319,14 +322,15 @@ class Pair:
     """alpha and beta on this loop, same data, both UpToDate; `await pair.start()` connects
     them and makes alpha Primary."""
 
-    def __init__(self, tmp_path, size: int = 16 << 20, store_factory=None):
+    def __init__(self, tmp_path, size: int = 16 << 20, store_factory=None,
+                 compression: str | dict = "none"):
         self.cfg = make_config(tmp_path, size)
         self.size = size
         with mock.patch.object(node_mod, "Disk", FaultyDisk):
-            self.alpha = node_mod.Node(self.cfg, "alpha", store=_store(store_factory, self.cfg,
-                                                                     "alpha"))
-            self.beta = node_mod.Node(self.cfg, "beta", store=_store(store_factory, self.cfg,
-                                                                   "beta"))
+            self.alpha, self.beta = (
+                node_mod.Node(_node_cfg(self.cfg, name, compression), name,
+                              store=_store(store_factory, self.cfg, name))
+                for name in ("alpha", "beta"))
         gen = st.new_uuid()
         for n in (self.alpha, self.beta):
             n.gen.__dict__.update(st.Generation(current=gen).__dict__)  # the store's too
@@ -388,6 +392,15 @@ class Pair:
                 n.store.close()
             else:
                 n.disk.close()
+
+
+def _node_cfg(cfg, name: str, compression: str | dict) -> ResourceConfig:
+    """The resource as `name` has it configured: its own `compression` setting."""
+    setting = compression.get(name, "none") if isinstance(compression, dict) else compression
+    if setting == "none":
+        return cfg
+    alg, level = compress.parse(setting)
+    return dataclasses.replace(cfg, compression=alg, compression_level=level)
 
 
 def _store(factory, cfg, name):
