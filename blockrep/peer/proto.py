@@ -7,10 +7,11 @@ Every packet is a fixed 40-byte header plus a payload:
 
 big-endian. `hcrc` is the CRC32C of the 36 bytes before it: a header damaged on the way is
 refused (the link drops and resyncs) instead of steering a write to the wrong place or
-leaving it unanswered. Data packets (P_DATA, P_RS_DATA) carry the block payload as is, with its CRC32C
-in `crc` (compressed when F_LZ4/F_ZSTD is set, `size` then the plain length and `crc` the
-plain data's, see blockrep.peer.compress); control packets carry a msgpack map. See docs/wire-protocol.md; the handshake and
-its authentication live in blockrep.peer.handshake.
+leaving it unanswered. Data packets (P_DATA, P_RS_DATA, P_READ_REPLY) carry the block
+payload as is, with its CRC32C in `crc` (compressed when F_LZ4/F_ZSTD is set, `size` then
+the plain length and `crc` the plain data's, see blockrep.peer.compress); control packets
+carry a msgpack map. See docs/wire-protocol.md; the handshake and its authentication live
+in blockrep.peer.handshake.
 Must not: touch sockets or clocks.
 """
 
@@ -29,9 +30,10 @@ VERSION = 3  # 2: bitmaps in P_BITMAP chunks, sync identifier and sync-ready;
            # 3: header checksum (hcrc)
 FEATURE_RUNS = 1 << 8  # decodes batched resync data (F_RUNS); never sent to a peer without it
 FEATURE_PEER_READS = 1 << 9  # answers P_READ_REQUEST (a Diskless Primary reads through it)
+FEATURE_CODED_READS = 1 << 10  # decodes P_READ_REPLY with F_ZERO, F_LZ4 or F_ZSTD
 # feature bits every node of this build has; per-node ones (compression:
 # blockrep.peer.compress) in HandshakeParams
-FEATURES = FEATURE_RUNS | FEATURE_PEER_READS
+FEATURES = FEATURE_RUNS | FEATURE_PEER_READS | FEATURE_CODED_READS
 HEADER = struct.Struct(">IHHQQIIII")
 HEADER_SIZE = HEADER.size  # 40
 MAX_PAYLOAD = 64 * 1024 * 1024 + 4096
@@ -72,17 +74,20 @@ class P(enum.IntEnum):
 F_FUA = 1 << 0
 F_NO_HOLE = 1 << 1
 F_FLUSH = 1 << 2  # on BARRIER: flush the disk before acking
-F_ZERO = 1 << 3   # on RS_DATA: the block range is all zeroes, no payload
+F_ZERO = 1 << 3   # on RS_DATA, READ_REPLY: the block range is all zeroes, no payload
 F_PART = 1 << 4   # on RS_DATA: part of a checksum-mode request (answers an RS_REQUEST)
 F_LAST = 1 << 5   # on BITMAP: the sender's bitmap is complete (no payload)
-F_LZ4 = 1 << 6    # on DATA/RS_DATA: payload lz4-compressed (blockrep.peer.compress)
-F_ZSTD = 1 << 7   # on DATA/RS_DATA: payload zstd-compressed
+F_LZ4 = 1 << 6    # on DATA/RS_DATA/READ_REPLY: payload lz4-compressed (blockrep.peer.compress)
+F_ZSTD = 1 << 7   # on DATA/RS_DATA/READ_REPLY: payload zstd-compressed
 F_RECV = 1 << 8   # on DATA/TRIM/ZERO: answer P_RECV_ACK on receipt (protocol B)
 F_ERR = 1 << 9    # on READ_REPLY: the peer's read failed (size = errno, no payload)
 F_RUNS = 1 << 10  # on RS_DATA: many small runs in one packet (run table, then their data)
 
 CONTROL_TYPES = frozenset({P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL})
 DATA_TYPES = frozenset({P.DATA, P.RS_DATA})
+# payloads that may arrive compressed (F_LZ4 / F_ZSTD): the link decompresses them before
+# their CRC is checked (by check_payload, or by the handler for SELF_CHECKED ones)
+COMPRESSED_TYPES = DATA_TYPES | {P.READ_REPLY}
 
 
 class LinkProtocolError(Exception):

@@ -10,7 +10,8 @@ P_READ_REQUEST answered by P_READ_REPLY; what a lost link means (every open read
 fails with EIO: there is no other copy); the check of a peer met again (`check_reconnect`);
 the counters. On the Secondary: answering P_READ_REQUEST from its disk once every earlier
 write of the stream to that range has landed (the applier's order), small reads inline,
-large ones in the I/O threads (ordered like a large write).
+large ones in the I/O threads (ordered like a large write); the reply coded like resync
+data for a Primary that decodes it (all zeroes as F_ZERO, else compressed where it pays).
 Must not: decide the detach (diskfail.py), parse NBD (the NBD server calls `read`), or
 decide when a write completes (blockrep.peer.requests does).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..peer import proto
+from ..peer import compress, proto
 from ..peer.proto import P
 from ..state import DiskState, ReplState, Role
 from .ratelog import RateLimitedLog
@@ -31,7 +32,8 @@ iolog = RateLimitedLog(log)
 READ_INLINE = 256 * 1024  # peer reads this large run in the I/O threads (as writes do)
 MAX_READ = proto.MAX_PAYLOAD - 4096  # the largest NBD request (64 MiB)
 _P_READ_REQUEST, _P_READ_REPLY = int(P.READ_REQUEST), int(P.READ_REPLY)
-_F_ERR = proto.F_ERR
+_F_ERR, _F_ZERO = proto.F_ERR, proto.F_ZERO
+_is_zero = compress.is_zero
 _HDR = proto.frame
 _crc = proto.native.crc32c
 _EIO = errno.EIO
@@ -116,10 +118,13 @@ class Diskless:
             raise proto.LinkProtocolError(f"read reply {pid} answers no read request")
         cb, key, off, length = ent
         err = proto.read_reply_error(flags, size)
-        if not err and (offset != off or len(payload) != length):
+        zero = flags & _F_ZERO  # all zeroes, no payload (compressed ones arrive decoded)
+        n = size if zero else len(payload)
+        if not err and (offset != off or n != length or zero and payload):
             cb(key, _EIO, None)
-            raise proto.LinkProtocolError(f"read reply {pid}: {offset}+{len(payload)} for "
-                                          f"a read of {off}+{length}")
+            raise proto.LinkProtocolError(f"read reply {pid}: {offset}+{n}"
+                                          f"{' zeroes' if zero else ''} for a read of "
+                                          f"{off}+{length}")
         if err:
             self.peer_reads_failed += 1
             iolog.error("diskless read", "the peer failed to read %d+%d (errno %d)", off,
@@ -127,7 +132,11 @@ class Diskless:
             cb(key, err, None)
             return
         self.peer_reads_bytes += length
-        cb(key, 0, bytes(payload) if link.owns(payload) else payload)
+        if zero:
+            payload = bytes(length)
+        elif link.owns(payload):
+            payload = bytes(payload)
+        cb(key, 0, payload)
 
     def wrote(self, length: int) -> None:
         self.peer_writes_bytes += length
@@ -213,7 +222,12 @@ class Diskless:
         n = len(data)
         self.served_reads += 1
         self.served_reads_bytes += n
-        link.send(_HDR(_P_READ_REPLY, 0, pid, offset, n, n, _crc(data)), data)
+        if not link.coded_reads:  # a Primary of an older build: the data as it is
+            link.send(_HDR(_P_READ_REPLY, 0, pid, offset, n, n, _crc(data)), data)
+        elif _is_zero(data):
+            link.send(_HDR(_P_READ_REPLY, _F_ZERO, pid, offset, n, 0, 0))
+        else:  # compressed when negotiated and it pays
+            link.send_data(_P_READ_REPLY, 0, pid, offset, data)
 
     def _reply_error(self, link, pid, offset, err) -> None:
         link.send(_HDR(_P_READ_REPLY, _F_ERR, pid, offset, err, 0, 0))

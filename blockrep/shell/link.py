@@ -31,7 +31,7 @@ SMALL_READ = 16 * 1024
 BIG = 256 * 1024
 HS_READ = 4096  # read buffer until the peer proved itself (a HELLO is ~150 bytes)
 _SELF_CHECKED = proto.SELF_CHECKED  # their handlers check the payload CRC themselves
-_DATA_TYPES = proto.DATA_TYPES
+_COMPRESSED_TYPES = proto.COMPRESSED_TYPES
 _F_COMPRESSED = compress.F_COMPRESSED
 _HDR = proto.frame
 _crc = proto.native.crc32c
@@ -102,6 +102,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.compressor: compress.Compressor | None = None  # once established, if negotiated
         self.batch_resync = False  # once established: the peer decodes F_RUNS
         self.peer_reads = False  # once established: the peer answers P_READ_REQUEST
+        self.coded_reads = False  # once established: the peer decodes coded P_READ_REPLY
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, *parts) -> None:
@@ -125,7 +126,8 @@ class PeerLink(asyncio.BufferedProtocol):
         out.clear()
 
     def send_data(self, ptype: int, flags: int, pid: int, offset: int, data) -> None:
-        """A P_DATA / P_RS_DATA packet, compressed when negotiated and it pays."""
+        """A P_DATA / P_RS_DATA / P_READ_REPLY packet, compressed when negotiated and it
+        pays (a P_READ_REPLY only to a peer with `coded_reads`)."""
         n = len(data)
         crc = _crc(data)
         comp = self.compressor
@@ -305,11 +307,11 @@ class PeerLink(asyncio.BufferedProtocol):
         handler = self.node.handlers.get(ptype)
         if handler is None:
             raise LinkProtocolError(f"unexpected packet type {ptype}")
+        if flags & _F_COMPRESSED and ptype in _COMPRESSED_TYPES:
+            payload = compress.decompress(flags, payload, size)  # `crc` is the plain data's
+            flags &= ~_F_COMPRESSED
         if ptype not in _SELF_CHECKED and payload:
             proto.check_payload(ptype, crc, payload)
-        elif flags & _F_COMPRESSED and ptype in _DATA_TYPES:
-            payload = compress.decompress(flags, payload, size)
-            flags &= ~_F_COMPRESSED
         handler(self, flags, pid, offset, size, crc, payload)
 
     # -- handshake ---------------------------------------------------------------------------
@@ -382,6 +384,7 @@ class PeerLink(asyncio.BufferedProtocol):
             cfg.compression, cfg.compression_level, features)
         self.batch_resync = bool(features & proto.FEATURE_RUNS)  # the peer decodes F_RUNS
         self.peer_reads = bool(features & proto.FEATURE_PEER_READS)  # it answers READ_REQUEST
+        self.coded_reads = bool(features & proto.FEATURE_CODED_READS)  # F_ZERO, compressed
         self._buf = bytearray(RECV_BUF)
         self._mv = memoryview(self._buf)
         self._pool = BufferPool()

@@ -1,15 +1,20 @@
 """Link compression end to end (blockrep.peer.compress): a pair with lz4 and one with zstd
 replicate compressible data and resync after an outage with fewer bytes on the wire and
 byte-identical disks; a node configured `none` (like a peer without compression) receives
-plain packets and the pair still replicates."""
+plain packets and the pair still replicates. A Diskless Primary's reads come from its peer
+compressed (P_READ_REPLY), zeroes as a marker."""
 
 from __future__ import annotations
 
 import signal
 
 import pytest
+from support.faulttools import faulty_disk_for
 from support.helpers import require_tool
+from support.nbd_testlib import RawClient
 from support.repltools import MiB, cmp_data, fio, fio_bytes_written
+
+from blockrep.faults.disk import TOOLS
 
 COMPRESSIBLE = ("--buffer_compress_percentage=75", "--refill_buffers",
                 "--buffer_compress_chunk=4k")
@@ -75,3 +80,43 @@ def test_peer_with_compression_off_gets_plain_packets(cluster, tmp_path):
     # everything went plain: at least the data itself crossed the link
     assert a["counters"]["link_bytes_sent"] >= 4 * MiB, a["counters"]
     cmp_data(c, a["size_bytes"])
+
+
+def _text(i: int) -> bytes:
+    return b"".join(b"chunk %03d line %06d: compressible text\n" % (i, n)
+                    for n in range(30000))[:MiB]
+
+
+def test_diskless_primary_reads_come_compressed(cluster):
+    """alpha's disk fails (writes), it goes on Diskless: reading back what it wrote before
+    comes from beta compressed, the never-written part as zero markers; the data is right."""
+    require_tool(*TOOLS)
+    c = cluster(size="32M", resource={"compression": "lz4"})
+    disk = faulty_disk_for(c, "alpha")
+    try:
+        c.up_pair()
+        with RawClient(c.nbd_port("alpha")) as nbd:
+            nbd.handshake()
+            for i in range(8):
+                assert nbd.write(i * MiB, _text(i)) == 0
+            disk.inject("pwrite")
+            assert nbd.write(16 * MiB, _text(16)) == 0  # fails on alpha's disk: detach
+            c.wait_status("alpha", lambda s: s["disk"] == "Diskless" and
+                          s["diskless"]["serving"], 30, "alpha Diskless", fast=True)
+            b0 = c.status("beta")
+            for i in (*range(8), 16):
+                assert nbd.read(i * MiB, MiB) == (0, _text(i)), i
+            for i in range(20, 24):  # never written
+                assert nbd.read(i * MiB, MiB) == (0, bytes(MiB)), i
+        b = c.status("beta")
+        served = b["diskless"]["served_reads_bytes"] - b0["diskless"]["served_reads_bytes"]
+        sent = b["counters"]["link_bytes_sent"] - b0["counters"]["link_bytes_sent"]
+        comp = b["compression"]
+        print(f"\nDiskless Primary read {served} bytes through the peer (lz4): the peer "
+              f"sent {sent} bytes; its compression {comp}")
+        assert served == 13 * MiB
+        assert comp and comp["compressed"] >= 9, comp
+        assert sent * 4 < served, (sent, served)
+    finally:
+        c.stop_all()
+        disk.stop()

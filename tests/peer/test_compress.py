@@ -93,3 +93,15 @@ def test_flags_do_not_clash_with_other_packet_flags():
     others = (proto.F_FUA | proto.F_NO_HOLE | proto.F_FLUSH | proto.F_ZERO | proto.F_PART
               | proto.F_LAST)
     assert not others & F_COMPRESSED and proto.F_LZ4 != proto.F_ZSTD
+
+
+def test_is_zero():
+    step = 1 << 20
+    for n in (1, 4096, step - 1, step, step + 1, 3 * step + 17):
+        assert compress.is_zero(bytes(n)), n
+        for at in (0, n // 2, n - 1):
+            data = bytearray(n)
+            data[at] = 1
+            assert not compress.is_zero(bytes(data)), (n, at)
+    assert compress.is_zero(memoryview(bytes(4096)))  # other buffers too
+    assert not compress.is_zero(bytearray(b"\0\0\x01"))

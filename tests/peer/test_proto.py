@@ -58,6 +58,7 @@ def test_constants():
     assert CONTROL_TYPES == {P.HELLO, P.AUTH, P.REFUSE, P.STATE, P.CONTROL}
     assert DATA_TYPES == {P.DATA, P.RS_DATA}
     assert not CONTROL_TYPES & DATA_TYPES
+    assert proto.COMPRESSED_TYPES == {P.DATA, P.RS_DATA, P.READ_REPLY}
 
 
 # -- header ------------------------------------------------------------------------------------
@@ -314,6 +315,7 @@ def test_packet_flags_are_distinct_bits_and_read_reply_errors_decode():
     assert all(v and v & (v - 1) == 0 for v in flags.values()), flags
     assert len(set(flags.values())) == len(flags), flags
     assert proto.F_ERR == 1 << 9 and proto.FEATURES & proto.FEATURE_PEER_READS
+    assert proto.FEATURE_CODED_READS == 1 << 10 and proto.FEATURES & proto.FEATURE_CODED_READS
     assert proto.read_reply_error(0, 4096) == 0  # data: size is its length
     assert proto.read_reply_error(proto.F_ERR, 5) == 5
     assert proto.read_reply_error(proto.F_ERR, 0) == 5  # no errno, or one out of range: EIO
