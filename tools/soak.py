@@ -28,8 +28,9 @@ number and a version, and every acknowledgement is recorded. Every few seconds o
                    it; attach on a Primary is refused) and attaches the old disk
 
 With --fio, fio verify=crc32c jobs run back to back beside the writer on the region after
-its blocks. At the end: every fault undone, both nodes running, a Primary, the writer
-drained, the sync awaited; every block is read from the Primary and checked against the ledger (the latest
+its blocks. At the end: every fault undone, both nodes running, a Primary, the last fio job
+finished (or stopped after 30 s: interrupted), the writer drained, the sync awaited;
+every block is read from the Primary and checked against the ledger (the latest
 acknowledged version or a later one that was in flight), both data areas are compared, and
 the summary printed. `--hold` scales every fault's duration (0.3: faults three times as
 dense); `--pairs N` runs N independent pairs (own images, proxy, writer, seed + i) at once in
@@ -63,6 +64,7 @@ from blockrep.peer.proto import HEADER_SIZE  # noqa: E402
 PY = sys.executable
 KINDS = ("kill-secondary", "kill-primary", "stop", "cut", "blackhole", "flip")
 TIMEOUT = 3.0
+FIO_GRACE = 30.0  # seconds the last fio job gets to finish at the end, then it is stopped
 
 
 class Soak:
@@ -89,14 +91,17 @@ class Soak:
         self.client_epoch = 0  # bumped by faults that may fail a client's requests
         self.fio = collections.Counter()
         self.fio_proc: asyncio.subprocess.Process | None = None
+        self.fio_stopped = False  # the running job was stopped by the soak: interrupted
 
-    def kill_fio(self) -> None:
-        """End the running fio job, if any: one that has just exited but is not yet reaped
-        raises ProcessLookupError, which is not a failure of the soak."""
+    def kill_fio(self, term: bool = False) -> None:
+        """End the running fio job, if any (SIGKILL, or SIGTERM with `term`); it counts as
+        interrupted. One that has just exited but is not yet reaped raises
+        ProcessLookupError, which is not a failure of the soak."""
         proc = self.fio_proc
         if proc is not None and proc.returncode is None:
+            self.fio_stopped = True
             try:
-                proc.kill()
+                proc.terminate() if term else proc.kill()
             except ProcessLookupError:
                 pass
 
@@ -233,8 +238,10 @@ class Soak:
     async def fio_loop(self) -> None:
         """Back-to-back fio jobs (4 KiB random writes, then verify=crc32c) on a region after
         the writer's blocks, against the current Primary. A job that fails while no fault
-        could break its connection (kill -9 of the Primary, failover, disk EIO) is a
-        verify failure."""
+        could break its connection (kill -9 of the Primary, failover, disk EIO) and the soak
+        did not stop it is a verify failure. `--thread`: a job is one process (fio forks
+        each job into a session of its own otherwise, which outlives a killed fio); a job
+        still running when this loop is cancelled (an error, ^C) is killed and reaped."""
         off = self.args.blocks * BLOCK
         size = min(8 << 20, (self.size - off) // BLOCK * BLOCK)
         jobdir = os.path.join(self.dir, "fio")
@@ -246,18 +253,24 @@ class Soak:
             epoch, port = self.client_epoch, self.nodes[self.primary].nbd_port
             self.fio["runs"] += 1
             proc = await asyncio.create_subprocess_exec(
-                "fio", f"--name=soak{self.fio['runs']}", "--ioengine=nbd",
+                "fio", f"--name=soak{self.fio['runs']}", "--thread", "--ioengine=nbd",
                 f"--uri=nbd://127.0.0.1:{port}/", "--rw=randwrite", "--bs=4k",
                 "--iodepth=4", f"--offset={off}", f"--size={size}", "--verify=crc32c",
                 "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
                 f"--randseed={self.rng.getrandbits(31)}", cwd=jobdir,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-            self.fio_proc = proc
-            out, _ = await proc.communicate()
-            self.fio_proc = None
+            self.fio_proc, self.fio_stopped = proc, False
+            try:
+                out, _ = await proc.communicate()
+            except BaseException:
+                self.kill_fio()
+                await proc.wait()
+                raise
+            finally:
+                self.fio_proc = None
             if proc.returncode == 0:
                 self.fio["verified"] += 1
-            elif epoch != self.client_epoch or not self.writing:
+            elif epoch != self.client_epoch or self.fio_stopped:
                 self.fio["interrupted"] += 1
                 await asyncio.sleep(0.5)
             else:
@@ -265,6 +278,20 @@ class Soak:
                 self.notes.append(f"fio job {self.fio['runs']} failed: "
                                   f"{out.decode(errors='replace')[-800:]}")
                 await asyncio.sleep(0.5)
+
+    async def end_fio(self, task: asyncio.Task, grace: float = FIO_GRACE) -> None:
+        """The soak is over (`writing` is False): the running fio job gets `grace` seconds
+        to finish, then is stopped (SIGTERM, SIGKILL after 5 s) and counts as
+        interrupted; `task` (the fio loop) ends with it."""
+        for stop, wait in ((None, grace), ("term", 5.0), ("kill", 5.0)):
+            if stop:
+                self.kill_fio(term=stop == "term")
+            await asyncio.wait([task], timeout=wait)
+            if task.done():
+                task.result()  # the loop's own error, if any
+                return
+        task.cancel()
+        self.notes.append("fio: the last job did not end on SIGKILL")
 
     # -- faults ------------------------------------------------------------------------------
     def roles(self) -> tuple[NodeProcess, NodeProcess]:
@@ -438,7 +465,7 @@ class Soak:
             await self.fault(kind)
 
     # -- the end -----------------------------------------------------------------------------
-    async def finish(self, writer_task: asyncio.Task) -> dict:
+    async def finish(self, writer_task: asyncio.Task, fio_task: asyncio.Task | None) -> dict:
         for n in self.nodes.values():
             n.signal(signal.SIGCONT)
             if n.faulty is not None:
@@ -452,12 +479,12 @@ class Soak:
         await self.ensure_primary(self.primary or self.last_primary)
         await asyncio.sleep(2.0)  # acknowledged writes after the last fault
         self.writing = False
+        if fio_task is not None:
+            await self.end_fio(fio_task)
         try:
             await asyncio.wait_for(asyncio.shield(writer_task), 90)
         except asyncio.TimeoutError:
-            self.notes.append(f"writer stuck: {len(self.ledger.in_flight)} writes unanswered"
-                              + (", a fio job unfinished" if self.fio_proc else ""))
-            self.kill_fio()
+            self.notes.append(f"writer stuck: {len(self.ledger.in_flight)} writes unanswered")
             writer_task.cancel()
         settled = await self.wait(self.healthy, self.args.settle, "both nodes in sync")
         stuck = [] if settled else sorted(self.nodes)
@@ -503,15 +530,19 @@ class Soak:
     async def run(self) -> int:
         await self.setup()
         writer_task = asyncio.ensure_future(self.writer())
-        if self.args.fio:
-            writer_task = asyncio.ensure_future(asyncio.gather(writer_task, self.fio_loop()))
+        fio_task = asyncio.ensure_future(self.fio_loop()) if self.args.fio else None
         t0 = time.monotonic()
         try:
             await self.faults_loop(t0 + self.args.minutes * 60)
-            result = await self.finish(writer_task)
+            result = await self.finish(writer_task, fio_task)
         finally:
             self.writing = False
-            writer_task.cancel()
+            self.kill_fio()  # at once, whatever ended the soak; the loop reaps it
+            for task in (writer_task, fio_task):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (writer_task, fio_task) if t),
+                                 return_exceptions=True)
             self.cleanup()
             await self.proxy.close()
         return self.report(result, time.monotonic() - t0)
@@ -549,7 +580,8 @@ class Soak:
             if self.args.fio:
                 f = summary["fio"]
                 print(f"fio verify jobs: {f['runs']} run, {f['verified']} verified, "
-                      f"{f['interrupted']} interrupted by a Primary fault, {f['failed']} failed")
+                      f"{f['interrupted']} interrupted (a Primary fault, the end), "
+                      f"{f['failed']} failed")
             print(f"acknowledged blocks checked: {r['blocks_checked']}, lost: {r['lost']}, "
                   f"corrupt: {r['corrupt']}")
             print(f"disks identical: {'yes' if identical else 'no'} "
