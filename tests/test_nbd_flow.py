@@ -92,7 +92,8 @@ class _HeldTarget:
         self.pending = pending
 
     def submit(self, kind, off, n, data, fua, may_trim, fast_zero, cb, key):
-        self.pending.append(lambda err: cb(key, err))
+        # the answer keeps the payload alive, as a target that holds data does
+        self.pending.append(lambda err, data=data: cb(key, err))
 
 
 def writes(n, size=4096, first_cookie=1):
@@ -190,3 +191,38 @@ def test_slow_reader_with_requests_in_flight_resumes(loop):
     loop.run_until_complete(asyncio.sleep(0))
     assert not tr.paused
     assert feed(conn, writes(2, first_cookie=10)) > 0 and len(pending) == 9
+
+
+def test_small_requests_do_not_rescan_a_pool_of_buffers_in_use(loop):
+    """Large payloads held by the target keep their pool buffers in use; with more of them
+    than POOL_KEEP the pool cannot shrink, and small requests must not scan it on every
+    receive pass (it is trimmed after a pass that took a buffer, or when nothing is in
+    flight)."""
+    from blockrep.shell import nbd_server
+    from blockrep.shell.buffers import BufferPool
+
+    class CountingPool(BufferPool):
+        __slots__ = ()
+        trims = 0
+
+        def trim(self, keep_bytes):
+            CountingPool.trims += 1
+            return super().trim(keep_bytes)
+
+    pending = []
+    server = make_server(NbdLimits(), pending)
+    conn, tr = attach(server, loop)
+    conn._pool = CountingPool()
+    big = nbd_server.BIG_IO
+    n = nbd_server.POOL_KEEP_BYTES // (1 << 20) + 2  # buffers are at least 1 MiB
+    feed(conn, writes(n, size=big))
+    assert len(conn._pool) == n and len(pending) == n
+    before = CountingPool.trims
+    for i in range(50):  # 50 receive passes of one small write each
+        feed(conn, proto.encode_request(NbdCmd.WRITE, 0, 1000 + i, 0, 512) + bytes(512))
+    assert CountingPool.trims - before <= 1
+    while pending:
+        pending.pop(0)(0)
+    loop.run_until_complete(asyncio.sleep(0))
+    # nothing in flight: the free buffers beyond POOL_KEEP_BYTES are given back
+    assert sum(map(len, conn._pool)) <= nbd_server.POOL_KEEP_BYTES

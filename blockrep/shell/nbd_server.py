@@ -23,7 +23,6 @@ import asyncio
 import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from time import perf_counter as _now
 
 from ..nbd import proto
@@ -176,7 +175,9 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
             self._write_timed = self._write_inline_timed
             self._target_write = server.target.write
         else:
-            self._write = self._write_timed = partial(self._submit_req, WRITE)
+            self._write = self._submit_write
+            self._write_timed = self._submit_write_timed
+        self._done = self._completed_cb
         self._complete_scheduled = False
         self._stats = server.stats
         self._tick = SAMPLE_EVERY  # write-type requests until the next timed one
@@ -360,8 +361,8 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         # little else, so a following large payload is copied out of the ring only a bit
         self._read_size = SMALL_READ if big else RECV_CHUNK
         self._flush_out()
-        if len(self._pool) > POOL_KEEP:
-            self._pool.trim(POOL_KEEP_BYTES)
+        if big and len(self._pool) > POOL_KEEP:  # a pass that took a buffer (see
+            self._pool.trim(POOL_KEEP_BYTES)  # _flush_completed): not a scan per request
 
     def _flush_out(self):
         out = self._out
@@ -413,52 +414,81 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                         KIND_NAMES[kind], offset, length, os.strerror(err))
         return nbd_errno(err)
 
-    def _submit_req(self, kind, flags, cookie, offset, length, data):
-        """Hand a write-type request to the target: it answers inline (a LocalTarget's
-        page-cache write) or calls back when its promise holds (replication, FLUSH)."""
+    def _submit_write(self, flags, cookie, offset, length, data, key=None):
+        """A WRITE to a target that answers later (the Replicator): its payload is held
+        until then, within the connection's and the node's bounds (`key`: a timed one)."""
         self._inflight += 1
-        n = length if data is not None else 0  # payload bytes held until completion
-        self._wbytes += n
+        self._wbytes += length
         srv = self.server
-        srv.inflight_bytes += n
+        srv.inflight_bytes += length
+        # the neutral form (shell/target.py): no NBD flag bits beyond this point
+        if key is None:
+            err = self._submit(WRITE, offset, length, data, flags & _FUA, True, 0,
+                               self._done, (cookie, length))
+        else:
+            err = self._submit(WRITE, offset, length, data, flags & _FUA, True, 0,
+                               self._completed_timed, key)
+        if err is not None:
+            self._answered(WRITE, cookie, offset, length, length, err, key)
+        elif self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:
+            self._hold()
+        elif srv.inflight_bytes >= self._node_max:
+            srv.throttled.add(self)
+            self._hold()
+
+    def _submit_write_timed(self, flags, cookie, offset, length, data):
+        self._submit_write(flags, cookie, offset, length, data, (cookie, length, WRITE, _now()))
+
+    def _submit_req(self, kind, flags, cookie, offset, length, data):
+        """Hand a FLUSH, TRIM or WRITE_ZEROES to the target: it answers inline (a
+        LocalTarget's page-cache write) or calls back when its promise holds."""
+        self._inflight += 1
         t = self._tick = self._tick - 1
         if t:
-            cb, key = self._completed_cb, (cookie, n)
+            cb, key = self._done, (cookie, 0)
         else:  # every SAMPLE_EVERY-th request is timed
             self._tick = SAMPLE_EVERY
-            cb, key = self._completed_timed, (cookie, n, kind, _now())
+            cb, key = self._completed_timed, (cookie, 0, kind, _now())
         # the neutral form (shell/target.py): no NBD flag bits beyond this point
         err = self._submit(kind, offset, length, data, flags & _FUA, not flags & _NO_HOLE,
                            flags & _FAST_ZERO, cb, key)
-        if err is not None:  # answered inline: nothing of it stays in flight
-            self._inflight -= 1
-            self._wbytes -= n
-            srv.inflight_bytes -= n
-            if not t:
-                self._stats.by_kind[kind].observe(_now() - key[3])
-            if err:
-                self._stats.written_bytes -= n  # a WRITE counted by the caller failed
-                err = self._inline_error(kind, offset, length, err)
-            self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
-            return
+        if err is not None:
+            self._answered(kind, cookie, offset, length, 0, err, None if t else key)
+        else:
+            self._bound()
+
+    def _bound(self) -> None:
+        """Stop parsing while this connection or the node holds too much in flight."""
+        srv = self.server
         if self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:
             self._hold()
         elif srv.inflight_bytes >= self._node_max:
             srv.throttled.add(self)
             self._hold()
 
+    def _answered(self, kind, cookie, offset, length, n, err, key) -> None:
+        """The target answered inline: nothing of the request (n payload bytes held) stays
+        in flight; `key` of a timed request."""
+        self._inflight -= 1
+        self._wbytes -= n
+        self.server.inflight_bytes -= n
+        if key is not None:
+            self._stats.by_kind[kind].observe(_now() - key[3])
+        if err:
+            self._stats.written_bytes -= n  # a WRITE counted by the caller failed
+            err = self._inline_error(kind, offset, length, err)
+        self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, cookie))
+
     def _completed_cb(self, key, err):
         """A target's answer: errno (0 = done) for the request `key` = (cookie, bytes)."""
         self._inflight -= 1
         n = key[1]
+        if n and not self._lost:  # completions still due do not count twice (nbd_session)
+            self._wbytes -= n
+            self.server.inflight_bytes -= n
         if err:
+            self._stats.written_bytes -= n  # counted when it came in: it failed
             err = nbd_errno(err)
-        if n:
-            if err:
-                self._stats.written_bytes -= n  # counted when it came in: it failed
-            if not self._lost:  # completions still due do not count twice (nbd_session)
-                self._wbytes -= n
-                self.server.inflight_bytes -= n
         self._out.append(_pack_simple(SIMPLE_REPLY_MAGIC, err, key[0]))
         if not self._complete_scheduled:  # coalesce replies completed in one loop step
             self._complete_scheduled = True

@@ -25,7 +25,7 @@ from ..nbd.handshake import make_export
 from ..peer import compress, messages, proto
 from ..peer.handshake import HandshakeParams, Refused
 from ..peer.proto import P
-from ..state import ConnState, DiskState, ReplState, Role
+from ..state import NO_DISK, ConnState, DiskState, ReplState, Role
 from . import connect, diskfail, diskless
 from . import tls as tls_mod
 from .admin import AdminServer
@@ -142,7 +142,7 @@ class Node:
         """The link writes go to, or None (degraded, or Ahead: writes only set bitmap bits)."""
         link = self.link
         return None if (link is None or link.closed or self.repl in _LOCAL_ONLY
-                        or self.peer_disk in st.NO_DISK) else link  # detached peer: degraded
+                        or self.peer_disk in NO_DISK) else link  # detached peer: degraded
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

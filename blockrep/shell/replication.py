@@ -121,7 +121,9 @@ class Replicator:
         if kind == FLUSH:
             self._flush(req)
             return None
-        if self.waiting or not self.remote and self._conflicts(offset, length):
+        if self.waiting or ((self.local_busy or self.applier_busy or
+                             self.node.resync_source is not None)
+                            and not self.remote and self._conflicts(offset, length)):
             # an overlapping write is still being written locally in a thread, or a resync
             # request for this range is in flight: wait, so both disks see one order and
             # resync data never overtakes a newer application write on the target
