@@ -10,7 +10,8 @@ the fault tests use): RTT/2 one-way delay each way and a bandwidth cap. Tables:
    bytes on the wire and seconds to resync, per compression setting; then rsync in daemon
    mode through the same proxy bringing a copy of the secondary's image up to date
    (--inplace --no-whole-file, with and without -z);
-4. the data gap of rsync from cron (interval + run time) against blockrep's live gap.
+4. the data gap of rsync from cron (interval + run time) against blockrep's live gap;
+5. protocol A's 4K QD1 latency against standalone's in interleaved rounds (both kept up).
 Everything printed was measured in this run.
 """
 
@@ -21,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -221,6 +223,51 @@ def run_link_tables(args, tmp: str, disk: str) -> None:
               f"{g.get('drained_s', 0):g} s of draining what the workloads before left)")
 
 
+def run_qd1_rounds(args, tmp: str) -> None:
+    """Protocol A's QD1 write latency against standalone's, in interleaved rounds: both
+    stay up (each on its own disk file) and each round runs the 4K QD1 workload on one,
+    then the other, so a slow spell of the machine hits both; the ratio of the medians."""
+    size = args.size_mib << 20
+    sdisk, pdisk = os.path.join(tmp, "qd1-standalone.img"), os.path.join(tmp, "qd1-pair.img")
+    B.prepare_disk(sdisk, size)
+    B.prepare_disk(pdisk, size)
+    rtt, rate, proto = float(args.qd1_rtt), args.qd1_rate, args.qd1_protocol
+    wl = IO_WORKLOADS["4k-qd1"]
+    alone = B.make_targets(sdisk, ["blockrep"], tmp)[0]
+    pair = DistancePair(f"qd1-{proto}-{rtt:g}ms-{rate}", pdisk, tmp, protocol=proto,
+                        compression=args.compression, rtt_ms=rtt, rate=rate,
+                        sndbuf=args.sndbuf)
+    rows = []
+    try:
+        alone.start(tmp)
+        pair.start(tmp)
+        for i in range(args.qd1_rounds):
+            order = [("standalone", alone), (proto, pair)]
+            if i % 2:
+                order.reverse()  # alternate who goes first
+            r = {name: _run_wl(t.uri, wl, args) for name, t in order}
+            rows.append(r)
+            print(f"# qd1 round {i + 1}: " + ", ".join(
+                f"{n} p50 {v['p50_us']:.0f} us" for n, v in r.items()), flush=True)
+    finally:
+        pair.stop()
+        alone.stop()
+
+    def med(name, key):
+        return statistics.median(r[name][key] for r in rows)
+
+    print()
+    print(f"4K randwrite QD1, protocol {proto} at RTT {rtt:g} ms / {rate} against standalone, "
+          f"{len(rows)} interleaved rounds of {args.runtime} s (medians; every round above)")
+    print(f"{'target':<12} {'IOPS':>9} {'p50 us':>9} {'p99 us':>9}")
+    for name in ("standalone", proto):
+        print(f"{name:<12} {med(name, 'iops'):>9.0f} {med(name, 'p50_us'):>9.0f} "
+              f"{med(name, 'p99_us'):>9.0f}")
+    ratio = med(proto, "p50_us") / med("standalone", "p50_us")
+    print(f"protocol {proto} / standalone: p50 latency {ratio:.2f}x, per-round p50 ratios "
+          + ", ".join(f"{r[proto]['p50_us'] / r['standalone']['p50_us']:.2f}" for r in rows))
+
+
 def _rsync(src: str, dst_dir: str, tmp: str, rtt_ms: float, rate: str, z: bool) -> dict:
     """rsync daemon on loopback behind the shaped proxy; the client pushes src into the
     module's copy of the secondary's image."""
@@ -354,6 +401,8 @@ def run_distance_bench(args) -> int:
             run_link_tables(args, tmp, os.path.join(tmp, "disk.img"))
         if "outage" in parts:
             run_outage_tables(args, tmp)
+        if "qd1" in parts:
+            run_qd1_rounds(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -361,8 +410,13 @@ def run_distance_bench(args) -> int:
 
 def add_arguments(ap) -> None:
     g = ap.add_argument_group("--mode distance")
-    g.add_argument("--parts", default="link,outage", help="link (IOPS/latency/gap tables), "
-                   "outage (resync vs rsync after a change)")
+    g.add_argument("--parts", default="link,outage,qd1", help="link (IOPS/latency/gap "
+                   "tables), outage (resync vs rsync after a change), qd1 (a protocol's "
+                   "QD1 latency against standalone in interleaved rounds)")
+    g.add_argument("--qd1-rounds", type=int, default=5)
+    g.add_argument("--qd1-rtt", default="50", help="RTT (ms) of the qd1 rounds")
+    g.add_argument("--qd1-rate", default="1G", help="bandwidth of the qd1 rounds")
+    g.add_argument("--qd1-protocol", default="A")
     g.add_argument("--rtts", default="0,10,50", help="round-trip times in ms")
     g.add_argument("--rates", default="1G,100M", help="link bandwidths (bits/s)")
     g.add_argument("--protocols", default="A,B,C")

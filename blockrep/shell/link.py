@@ -26,6 +26,10 @@ from .buffers import BufferPool
 log = logging.getLogger("blockrep.link")
 
 RECV_BUF = 4 * 1024 * 1024
+# corked sends (protocol A's data, which no one waits on): out at most this late, or once
+# this much is queued; fewer, larger socket writes for the sender, the peer and any proxy
+CORK_S = 0.001
+CORK_BYTES = 256 * 1024
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024
 BIG = 256 * 1024
@@ -96,6 +100,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._out: list = []
         self._spare: list = []
         self._flush_scheduled = False
+        self._corked = 0  # bytes queued by send_corked since the last flush
+        self._cork_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -114,8 +120,30 @@ class PeerLink(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
+    def send_corked(self, nbytes: int, *parts) -> None:
+        """Queue parts no one waits on (protocol A's data: its client was answered once
+        it was queued): they go out with the next batch that `send` schedules, after at
+        most CORK_S, or as soon as CORK_BYTES are queued."""
+        if self.closed:
+            return
+        self._out.extend(parts)
+        self._corked += nbytes
+        if self._flush_scheduled:
+            return
+        if self._corked >= CORK_BYTES:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+        elif self._cork_timer is None:
+            self._cork_timer = self.loop.call_later(CORK_S, self._uncork)
+
+    def _uncork(self) -> None:
+        self._cork_timer = None
+        if not self._flush_scheduled:
+            self.flush()
+
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._corked = 0
         out = self._out
         if out and not self.closed:
             self.bytes_sent += sum(map(len, out))
@@ -125,18 +153,26 @@ class PeerLink(asyncio.BufferedProtocol):
             self.transport.writelines(out)
         out.clear()
 
-    def send_data(self, ptype: int, flags: int, pid: int, offset: int, data) -> None:
+    def send_data(self, ptype: int, flags: int, pid: int, offset: int, data,
+                  corked: bool = False) -> None:
         """A P_DATA / P_RS_DATA / P_READ_REPLY packet, compressed when negotiated and it
-        pays (a P_READ_REPLY only to a peer with `coded_reads`)."""
+        pays (a P_READ_REPLY only to a peer with `coded_reads`; corked: see send_corked)."""
         n = len(data)
         crc = _crc(data)
         comp = self.compressor
         if comp is not None:
             got = comp.compress(data)
             if got is not None:
-                self.send(_HDR(ptype, flags | got[0], pid, offset, n, len(got[1]), crc), got[1])
+                hdr = _HDR(ptype, flags | got[0], pid, offset, n, len(got[1]), crc)
+                if corked:
+                    self.send_corked(len(got[1]), hdr, got[1])
+                else:
+                    self.send(hdr, got[1])
                 return
-        self.send(_HDR(ptype, flags, pid, offset, n, n, crc), data)
+        if corked:
+            self.send_corked(n, _HDR(ptype, flags, pid, offset, n, n, crc), data)
+        else:
+            self.send(_HDR(ptype, flags, pid, offset, n, n, crc), data)
 
     def send_control(self, ptype: int, body: dict) -> None:
         self.send(proto.encode_control(ptype, body))

@@ -284,13 +284,17 @@ class Replicator:
         if not pid & ACK_SAMPLE_MASK:
             self._ack_sent[pid] = _now()
         pflags = _F_FUA if fua else self._pflags  # FUA: durable on both, whatever protocol
-        kind = req.kind
+        early = self._early and not fua  # protocol A: queued is enough for the client, so
+        kind = req.kind  # its packet may wait a moment for company (link.send_corked)
         if kind == WRITE:
             n = len(data)
-            if link.compressor is None:
-                link.send(_HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
+            if link.compressor is not None:
+                link.send_data(_P_DATA, pflags, pid, req.offset, data, early)
+            elif early:
+                link.send_corked(n, _HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)),
+                                 data)
             else:
-                link.send_data(_P_DATA, pflags, pid, req.offset, data)
+                link.send(_HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
             self.bytes_replicated += n
         else:
             if kind == ZERO and not may_trim:
@@ -298,7 +302,7 @@ class Replicator:
             link.send(_HDR(_P_ZERO if kind == ZERO else _P_TRIM, pflags, pid,
                            req.offset, req.length, 0, 0))
         self.writes_replicated += 1
-        if self._early and not fua:  # protocol A: queued is enough for the client
+        if early:
             req.t = self.node.loop.time()
             self._mod(req, QUEUED)  # stays in the log until the peer's write ack
 
