@@ -636,15 +636,68 @@ def _wait_disconnected(pair: ReplicatedTarget) -> None:
         time.sleep(0.05)
 
 
+def _app_writes(pair: ReplicatedTarget) -> int:
+    c = pair.status("alpha")["counters"]
+    return c["writes_replicated"] + c["writes_local_only"]
+
+
+def _resync_beside_app(pair: ReplicatedTarget, uri: str, args) -> dict:
+    """A full sync (`invalidate` on beta) while fio writes 4K QD32 on the Primary: the
+    application's write rate just before and during the resync (the Primary's counters over
+    each window) and the resync's own figures; the disks are compared after fio stops."""
+    argv = ["fio", "--name=app", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+            "--bs=4k", "--iodepth=32", "--size=256m", "--time_based", "--runtime=600",
+            "--randrepeat=0", "--norandommap", "--output-format=json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)  # fio connected and running
+        w0, t0 = _app_writes(pair), time.monotonic()
+        time.sleep(args.runtime)
+        w1, t1 = _app_writes(pair), time.monotonic()
+        pair.cli("beta", "invalidate")
+        s = _wait_sync_done(pair, "alpha")
+        w2, t2 = _app_writes(pair), time.monotonic()
+        if proc.poll() is not None:
+            raise RuntimeError(f"fio ended early: {proc.stderr.read()[-300:]}")
+    finally:
+        proc.terminate()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while pair.status("alpha")["counters"]["writes_pending_peer"]:  # the last ones land
+        if time.monotonic() > deadline:
+            raise RuntimeError("writes still pending on the peer 30 s after fio stopped")
+        time.sleep(0.05)
+    sync = s["last_sync"]
+    return {"app_iops_alone": (w1 - w0) / (t1 - t0), "app_iops_during": (w2 - w1) / (t2 - t1),
+            "bytes": sync["total_bytes"], "secs": sync["elapsed_s"]}
+
+
+def _zero_pair(tmp: str, size: int) -> ReplicatedTarget:
+    """A pair whose Primary holds `size` bytes of written (allocated) zeroes."""
+    disk = os.path.join(tmp, "zeros.img")
+    with open(disk, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(bytes(1 << 20))
+    pair = ReplicatedTarget("zeros", disk, tmp)
+    with open(pair.secondary, "wb") as f:
+        f.truncate(size)
+    for n in ("alpha", "beta"):
+        pair.cli(n, "create-md", "--force")
+    return pair
+
+
 def run_resync_bench(args) -> int:
-    """Full sync of a random 1 GiB disk (first by `primary --force`, then by `invalidate`
-    on the target) and resync of 10% scattered dirty blocks, each round followed by nbdcopy
-    of the same data between two `nbdkit file` servers; medians of --repeat rounds."""
+    """Full sync of a random --size-mib disk (first by `primary --force`, then by
+    `invalidate` on the target) and resync of 10% scattered dirty blocks, each round followed
+    by nbdcopy of the same data between two `nbdkit file` servers; a full sync while fio
+    writes on the Primary (the application's rate before and during it); a full sync of
+    written zeroes (runs of zeroes: no payload on the link); medians of --repeat rounds."""
     import random
     tmp = tempfile.mkdtemp(prefix="blockrep-resync-", dir=args.dir)
     size = args.size_mib << 20
-    rounds = {"full sync": [], "10% scattered": []}
+    rounds = {"full sync": [], "10% scattered": [], "zeros": [], "beside app": []}
     copies = {"full sync": [], "10% scattered": []}
+    beside = []
     try:
         src = os.path.join(tmp, "src.img")
         print(f"# preparing {args.size_mib} MiB of random data in {tmp}", flush=True)
@@ -716,20 +769,54 @@ def run_resync_bench(args) -> int:
                                                      "copy-sparse.img", fresh=True)))
                 print(f"# round {rnd + 1} nbdcopy sparse: {copies['10% scattered'][-1]}",
                       flush=True)
+                # a full sync beside the application's writes
+                b = _resync_beside_app(pair, uri, args)
+                beside.append(b)
+                rounds["beside app"].append((b["bytes"], b["secs"], None))
+                if not _same(alpha, pair.secondary, data_size):
+                    raise RuntimeError("resync beside writes: disks differ afterwards")
+                print(f"# round {rnd + 1} resync beside app writes: {b}", flush=True)
         finally:
             pair.stop()
+        # runs of zeroes: a full sync of a Primary holding written zeroes
+        zpair = _zero_pair(tmp, size)
+        try:
+            zpair.start_nodes(tmp)
+            for rnd in range(args.repeat):
+                os.sync()
+                zpair.cli("alpha" if rnd == 0 else "beta",
+                          *(("primary", "--force") if rnd == 0 else ("invalidate",)))
+                z = _wait_sync_done(zpair, "alpha")["last_sync"]
+                rounds["zeros"].append((z["total_bytes"], z["elapsed_s"], z["sent_bytes"]))
+                print(f"# round {rnd + 1} full sync of zeroes: {z}", flush=True)
+            if not _same(zpair.disk, zpair.secondary, data_size):
+                raise RuntimeError("zero sync: disks differ afterwards")
+        finally:
+            zpair.stop()
         print()
         print(f"{'case':<15} {'bytes':>12} {'resync s':>9} {'resync MB/s':>12} "
               f"{'on wire':>12} {'nbdcopy s':>10} {'nbdcopy MB/s':>13} {'ratio':>6}")
         for name in rounds:
             total, secs, sent = sorted(rounds[name], key=lambda r: r[1])[len(rounds[name]) // 2]
+            r_mbs = total / secs / 1e6 if secs else float("inf")
+            sent = "" if sent is None else sent
+            if name not in copies:
+                print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12}")
+                continue
             nbytes = copies[name][0][0]
             nsecs = _median([c[1] for c in copies[name]])
-            r_mbs = total / secs / 1e6 if secs else float("inf")
             n_mbs = nbytes / nsecs / 1e6
             print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12} "
                   f"{nsecs:>10.2f} {n_mbs:>13.1f} {r_mbs / n_mbs:>5.2f}x")
-        print(f"(medians of {args.repeat} rounds; every round's figures are in the '#' lines)")
+        alone = _median([b["app_iops_alone"] for b in beside])
+        during = _median([b["app_iops_during"] for b in beside])
+        print(f"beside app: fio 4K randwrite QD32 on the Primary, {alone:.0f} IOPS before the "
+              f"resync, {during:.0f} IOPS during it ({during / alone:.2f}x; c-min-rate "
+              f"throttles the resync while the application writes)")
+        n = args.repeat
+        which = "the median" if n % 2 else f"the upper median (round {n // 2 + 1} of {n} by time)"
+        print(f"(resync: {which} of {n} rounds; nbdcopy: the median; every round's figures "
+              f"are in the '#' lines; zeros: written zeroes, not holes)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
