@@ -534,7 +534,8 @@ def run_io_bench(args) -> int:
             started.append(target)
         for wl in wls:
             for rnd in range(args.repeat):
-                for target in targets:
+                k = rnd % len(targets)  # each round starts with the next target: no target
+                for target in targets[k:] + targets[:k]:  # always runs first or after X
                     os.sync()  # every run starts with no dirty data
                     r = run_fio(target.uri, WORKLOADS[wl], args.runtime, fio_size,
                                 cpu_pids=target.cpu_pids())

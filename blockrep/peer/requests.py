@@ -43,7 +43,8 @@ NO_PEER = 5       # there is no link: the write stays local (degraded mode)
 NOT_WRITTEN = 6   # the local part was refused before anything was written (activity-log
                   # write failed, fast zero unsupported): nothing goes to the peer either
 QUEUED = 7        # protocol A: the packet is in the send buffer (the peer part is done for
-                  # the client; the request stays in the log until the peer's write ack)
+                  # the client, except for a REMOTE request, whose only copy is the peer's;
+                  # the request stays in the log until the peer's write ack)
 RECEIVED = 8      # protocol B: the peer has received the packet (P_RECV_ACK)
 DETACHED = 9      # the local disk was detached (on-io-error = detach) while this request's
                   # local part was running, had failed or was done: from now on only the
@@ -159,7 +160,8 @@ class TransferLog:
                 self.mark(req.offset, req.length)  # before the request can complete
             s = (s & ~(PEER_PENDING | UNSENT)) | PEER_FAILED
         elif ev == QUEUED:
-            s &= ~PEER_PENDING
+            if not s & REMOTE:  # a REMOTE request's only copy is the peer's: it waits
+                s &= ~PEER_PENDING
         elif ev == RECEIVED:
             s = (s & ~PEER_PENDING) | GOT
         elif ev == DETACHED:

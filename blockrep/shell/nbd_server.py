@@ -195,7 +195,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         self._executor = server.executor
         # payload being received outside the ring: (cmd, flags, cookie, offset, length, err)
         self._read_size = RECV_CHUNK  # small right after a large payload (see _process)
-        self._pending_payload = None  # (flags, cookie, offset, length, err)
+        self._pending_payload = None  # (flags, cookie, offset, length, err, write)
         self._payload_view: memoryview | None = None  # None: drain a refused payload
         self._got = 0
         self._inflight = 0  # requests executing asynchronously
@@ -233,7 +233,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
             self._got += nbytes
             if self._got < self._pending_payload[3]:
                 return
-            flags, cookie, offset, length, err = self._pending_payload
+            flags, cookie, offset, length, err, write = self._pending_payload
             view, self._payload_view = self._payload_view, None
             self._pending_payload = None
             if view is None:
@@ -241,7 +241,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                 self._flush_out()
             else:
                 self._stats.written_bytes += length  # taken back if it fails
-                self._write(flags, cookie, offset, length, view)
+                write(flags, cookie, offset, length, view)  # timed if its header's pass was
                 self._flush_out()  # an answer given inline
             return
         self._end += nbytes
@@ -304,7 +304,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                     continue
                 if length >= BIG_IO or err:
                     # receive the rest outside the ring (or drain it, for a refused write)
-                    self._pending_payload = (flags, cookie, offset, length, err)
+                    self._pending_payload = (flags, cookie, offset, length, err, write)
                     if not err:
                         view = self._payload_view = self._pool.get(length)
                         view[:have] = mv[pos + REQUEST_SIZE:end]
@@ -361,8 +361,8 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         # little else, so a following large payload is copied out of the ring only a bit
         self._read_size = SMALL_READ if big else RECV_CHUNK
         self._flush_out()
-        if big and len(self._pool) > POOL_KEEP:  # a pass that took a buffer (see
-            self._pool.trim(POOL_KEEP_BYTES)  # _flush_completed): not a scan per request
+        if not t and len(self._pool) > POOL_KEEP:  # on the sampled pass: free buffers of a
+            self._pool.trim(POOL_KEEP_BYTES)  # burst go back, without a scan on every pass
 
     def _flush_out(self):
         out = self._out

@@ -284,8 +284,11 @@ class Replicator:
         if not pid & ACK_SAMPLE_MASK:
             self._ack_sent[pid] = _now()
         pflags = _F_FUA if fua else self._pflags  # FUA: durable on both, whatever protocol
-        early = self._early and not fua  # protocol A: queued is enough for the client, so
-        kind = req.kind  # its packet may wait a moment for company (link.send_corked)
+        # protocol A: queued is enough for the client, so its packet may wait a moment for
+        # company (link.send_corked); not for a REMOTE request (Diskless Primary): the peer's
+        # copy is the only one, so it waits for the peer's write ack as under C
+        early = self._early and not fua and not req.state & REMOTE
+        kind = req.kind
         if kind == WRITE:
             n = len(data)
             if link.compressor is not None:

@@ -38,6 +38,10 @@ BATCH_SPAN = 4 << 20  # ... within this many bytes of the disk (the range writes
 APP_BUSY = 16  # application writes in flight to the peer that count as "busy"
 APP_BUSY_BYTES = 32 * 1024  # application bytes per 100 ms that make c-min-rate apply
 ASYNC_MIN = 256 * 1024  # requests this large are read/written in the I/O threads
+# checksum mode sends every run alone, most of them a few blocks of digests: this many
+# times resync-window such requests may be in flight (bytes stay bounded by c-fill-target),
+# so a long round trip is not paid per short run
+CSUM_WINDOW = 16
 _crc = proto.native.crc32c
 log = logging.getLogger("blockrep.resync")
 

@@ -23,7 +23,7 @@ from ..state import DiskState, ReplState
 from .bitmap_io import BitmapExchange
 from .buffers import BufferPool
 from .resync import (APP_BUSY, APP_BUSY_BYTES, ASYNC_MIN, BATCH_RUN, BATCH_RUNS, BATCH_SPAN,
-                     CHUNK, Progress, finished)
+                     CHUNK, CSUM_WINDOW, Progress, finished)
 
 log = logging.getLogger("blockrep.resync")
 
@@ -70,9 +70,10 @@ class ResyncSource:
         sent_for_rate = 0
         while True:
             busy = False
+            per = CSUM_WINDOW if self.csum else 1  # requests per window slot
             for runs, ln in self._requests():  # found window by window
                 while not self.cancelled and not link.closed and (
-                        len(self.inflight) >= self._window() or link.congested
+                        len(self.inflight) >= self._window() * per or link.congested
                         or self.inflight_bytes >= self.fill_target()):
                     self.wake.clear()
                     await self.wake.wait()

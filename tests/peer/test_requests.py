@@ -237,6 +237,20 @@ def test_early_answer_then_write_ack_leaves_no_gap():
     assert r.marked == []
 
 
+def test_a_remote_request_is_not_answered_when_queued():
+    """A Diskless Primary's write has no local copy: QUEUED (protocol A) does not answer
+    it; the peer's write ack does."""
+    r = Recorder()
+    tl = TransferLog(r.mark)
+    req = Req(WRITE, 0, 4096, r.cb, 1)
+    req.state = REMOTE_NEW
+    pid = tl.sent(req)
+    tl.mod(req, QUEUED)
+    assert 1 not in r.completed
+    tl.acked(pid, PEER_ACK)
+    assert r.completed[1] == (0, []) and r.marked == []
+
+
 def test_protocol_c_request_has_no_gap_while_waiting():
     r = Recorder()
     tl = TransferLog(r.mark)

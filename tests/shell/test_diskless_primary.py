@@ -165,6 +165,29 @@ def test_link_loss_while_diskless_fails_everything_with_eio(tmp_path):
     run(main())
 
 
+def test_diskless_primary_under_protocol_a_waits_for_the_peer(tmp_path):
+    """Protocol A answers once the packet is queued because the local disk has the data; a
+    Diskless Primary has no local copy: its writes complete on the peer's write ack (EIO if
+    the link goes first), whatever the protocol."""
+    async def main():
+        p = await _detached_pair(tmp_path)
+        try:
+            p.alpha.replicator.set_protocol("A")
+            p.link.ta.hold()  # nothing reaches beta any more
+            w = p.submit(p.alpha, WRITE, 3 * MiB, data=pattern(3, SMALL))
+            await settle()
+            assert not w.done  # only in this node's memory: not answered
+            await p.cut()
+            assert await w == errno.EIO
+            await p.reconnect()
+            w = p.submit(p.alpha, WRITE, 3 * MiB, data=pattern(4, SMALL))
+            assert await w == 0
+            assert p.read(p.beta, 3 * MiB, SMALL) == pattern(4, SMALL)  # on the peer's disk
+        finally:
+            await p.close()
+    run(main())
+
+
 def test_peer_read_waits_for_an_overlapping_write_landing_on_the_secondary(tmp_path):
     async def main():
         p = await _detached_pair(tmp_path)

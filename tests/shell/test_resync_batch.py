@@ -127,3 +127,36 @@ def test_malformed_run_tables_are_protocol_errors(payload, why):
     with pytest.raises(proto.LinkProtocolError) as ei:
         proto.parse_runs(payload, 1 << 20)
     assert why in str(ei.value)
+
+
+def test_checksum_mode_keeps_many_short_requests_in_flight(tmp_path):
+    """Checksum mode sends every run alone: short runs are many requests, each waiting a
+    round trip, so more of them than resync-window may be in flight (CSUM_WINDOW times);
+    bytes in flight stay bounded by c-fill-target."""
+    async def main():
+        p = await Pair(tmp_path).start()
+        try:
+            p.alpha.cfg.csums_after_crash_only = False  # checksum mode for every resync
+            await p.cut()
+            offs = _scattered(300)
+            for i, off in enumerate(offs):
+                assert await p.submit(p.alpha, WRITE, off, data=pattern(i, BLK)) == 0
+            await p.reconnect()
+            await wait_until(lambda: p.alpha.resync_source is not None and
+                             p.alpha.resync_source.inflight, "checksum resync running")
+            src = p.alpha.resync_source
+            assert src.csum
+            p.link.tb.hold()  # beta's answers stay on the wire: the window fills
+            window = p.alpha.cfg.resync_window
+            await wait_until(lambda: len(src.inflight) >= min(300, 4 * window),
+                             "more checksum requests in flight than resync-window")
+            assert src.inflight_bytes <= src.fill_target()
+            p.link.tb.release()
+            await p.resynced()
+            last = p.alpha.last_sync
+            assert last["total_bytes"] == 300 * BLK and last["requests"] == 300, last
+            for i, off in enumerate(offs):
+                assert p.read(p.beta, off, BLK) == pattern(i, BLK), f"run {i}"
+        finally:
+            await p.close()
+    run(main())
