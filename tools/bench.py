@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -582,8 +583,9 @@ h.flush(); h.shutdown()
 
 
 def _nbdcopy_time(src: str, tmp: str, size: int, dst_name: str, fresh: bool) -> float:
-    """nbdcopy between two `nbdkit file` servers; returns seconds. `fresh`: a new sparse
-    destination (else the one from the previous round, allocated, like a resync target)."""
+    """nbdcopy --flush between two `nbdkit file` servers; returns (seconds, CPU seconds of
+    nbdcopy and both nbdkit). `fresh`: a new sparse destination (else the one from the
+    previous round, allocated, like a resync target)."""
     dst = os.path.join(tmp, dst_name)
     if fresh and os.path.exists(dst):
         os.unlink(dst)
@@ -598,17 +600,29 @@ def _nbdcopy_time(src: str, tmp: str, size: int, dst_name: str, fresh: bool) -> 
         for p, proc in zip(ports, procs):
             wait_port(p, proc)
         os.sync()
+        cpu0 = _children_cpu() + sum(proc_cpu(pr.pid) for pr in procs)
         t0 = time.monotonic()
-        subprocess.run(["nbdcopy", f"nbd://127.0.0.1:{ports[0]}/",
+        # --flush: durable at the end, as a resync is (its target acks only after a flush)
+        subprocess.run(["nbdcopy", "--flush", f"nbd://127.0.0.1:{ports[0]}/",
                         f"nbd://127.0.0.1:{ports[1]}/"], check=True, timeout=600)
         t = time.monotonic() - t0
+        cpu = _children_cpu() + sum(proc_cpu(pr.pid) for pr in procs) - cpu0
         if not _same(src, dst, size):
             raise RuntimeError("nbdcopy result differs from its source")
-        return t
+        return t, cpu
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait()
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped children (nbdcopy)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _pair_cpu(pair: ReplicatedTarget) -> float:
+    return sum(proc_cpu(pid) for pid in pair.cpu_pids().values())
 
 
 def _same(a: str, b: str, n: int) -> bool:
@@ -721,20 +735,22 @@ def run_resync_bench(args) -> int:
             for rnd in range(args.repeat):
                 # full sync: alpha's data to a beta that has none
                 os.sync()
+                c0 = _pair_cpu(pair)
                 if rnd == 0:
                     pair.cli("alpha", "primary", "--force")  # a new pair: full initial sync
                 else:
                     pair.cli("beta", "invalidate")
                 s = _wait_sync_done(pair, "alpha")
                 full = s["last_sync"]
+                full["cpu_s"] = round(_pair_cpu(pair) - c0, 3)
                 if not _same(alpha, pair.secondary, data_size):
                     raise RuntimeError("full sync: disks differ afterwards")
                 rounds["full sync"].append((full["total_bytes"], full["elapsed_s"],
-                                            full["sent_bytes"]))
+                                            full["sent_bytes"], full["cpu_s"]))
                 print(f"# round {rnd + 1} full sync: {full}", flush=True)
                 copies["full sync"].append(
-                    (data_size, _nbdcopy_time(src, tmp, data_size, "copy-full.img",
-                                              fresh=False)))
+                    (data_size, *_nbdcopy_time(src, tmp, data_size, "copy-full.img",
+                                               fresh=False)))
                 print(f"# round {rnd + 1} nbdcopy full: {copies['full sync'][-1]}", flush=True)
                 # sparse: 10% of the blocks, scattered, written while beta is disconnected
                 rng = random.Random(42 + rnd)
@@ -748,15 +764,17 @@ def run_resync_bench(args) -> int:
                                check=True, timeout=600)
                 dirty = pair.status("alpha")["out_of_sync_bytes"]
                 os.sync()
+                c0 = _pair_cpu(pair)
                 pair.cli("beta", "connect")
                 s = _wait_sync_done(pair, "alpha")
                 sparse = s["last_sync"]
+                sparse["cpu_s"] = round(_pair_cpu(pair) - c0, 3)
                 if sparse["total_bytes"] != dirty:
                     raise RuntimeError(f"resynced {sparse['total_bytes']} of {dirty} dirty")
                 if not _same(alpha, pair.secondary, data_size):
                     raise RuntimeError("sparse resync: disks differ afterwards")
                 rounds["10% scattered"].append((sparse["total_bytes"], sparse["elapsed_s"],
-                                                sparse["sent_bytes"]))
+                                                sparse["sent_bytes"], sparse["cpu_s"]))
                 print(f"# round {rnd + 1} sparse resync: dirty {dirty} bytes, {sparse}",
                       flush=True)
                 with open(alpha, "rb") as fi, open(sparse_src, "wb") as fo:
@@ -766,14 +784,14 @@ def run_resync_bench(args) -> int:
                         fo.seek(b * 4096)
                         fo.write(fi.read(4096))
                 copies["10% scattered"].append(
-                    (len(offs) * 4096, _nbdcopy_time(sparse_src, tmp, data_size,
-                                                     "copy-sparse.img", fresh=True)))
+                    (len(offs) * 4096, *_nbdcopy_time(sparse_src, tmp, data_size,
+                                                      "copy-sparse.img", fresh=True)))
                 print(f"# round {rnd + 1} nbdcopy sparse: {copies['10% scattered'][-1]}",
                       flush=True)
                 # a full sync beside the application's writes
                 b = _resync_beside_app(pair, uri, args)
                 beside.append(b)
-                rounds["beside app"].append((b["bytes"], b["secs"], None))
+                rounds["beside app"].append((b["bytes"], b["secs"], None, None))
                 if not _same(alpha, pair.secondary, data_size):
                     raise RuntimeError("resync beside writes: disks differ afterwards")
                 print(f"# round {rnd + 1} resync beside app writes: {b}", flush=True)
@@ -785,10 +803,13 @@ def run_resync_bench(args) -> int:
             zpair.start_nodes(tmp)
             for rnd in range(args.repeat):
                 os.sync()
+                c0 = _pair_cpu(zpair)
                 zpair.cli("alpha" if rnd == 0 else "beta",
                           *(("primary", "--force") if rnd == 0 else ("invalidate",)))
                 z = _wait_sync_done(zpair, "alpha")["last_sync"]
-                rounds["zeros"].append((z["total_bytes"], z["elapsed_s"], z["sent_bytes"]))
+                z["cpu_s"] = round(_pair_cpu(zpair) - c0, 3)
+                rounds["zeros"].append((z["total_bytes"], z["elapsed_s"], z["sent_bytes"],
+                                        z["cpu_s"]))
                 print(f"# round {rnd + 1} full sync of zeroes: {z}", flush=True)
             if not _same(zpair.disk, zpair.secondary, data_size):
                 raise RuntimeError("zero sync: disks differ afterwards")
@@ -796,19 +817,24 @@ def run_resync_bench(args) -> int:
             zpair.stop()
         print()
         print(f"{'case':<15} {'bytes':>12} {'resync s':>9} {'resync MB/s':>12} "
-              f"{'on wire':>12} {'nbdcopy s':>10} {'nbdcopy MB/s':>13} {'ratio':>6}")
+              f"{'on wire':>12} {'ms/MiB':>7} {'nbdcopy s':>10} {'nbdcopy MB/s':>13} "
+              f"{'ms/MiB':>7} {'ratio':>6}")
         for name in rounds:
-            total, secs, sent = sorted(rounds[name], key=lambda r: r[1])[len(rounds[name]) // 2]
+            total, secs, sent, cpu = sorted(rounds[name],
+                                            key=lambda r: r[1])[len(rounds[name]) // 2]
             r_mbs = total / secs / 1e6 if secs else float("inf")
             sent = "" if sent is None else sent
+            per = f"{cpu * 1e3 / (total / (1 << 20)):>7.2f}" if cpu is not None else " " * 7
             if name not in copies:
-                print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12}")
+                print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12} {per}")
                 continue
             nbytes = copies[name][0][0]
             nsecs = _median([c[1] for c in copies[name]])
+            ncpu = _median([c[2] for c in copies[name]])
             n_mbs = nbytes / nsecs / 1e6
-            print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12} "
-                  f"{nsecs:>10.2f} {n_mbs:>13.1f} {r_mbs / n_mbs:>5.2f}x")
+            print(f"{name:<15} {total:>12} {secs:>9.2f} {r_mbs:>12.1f} {sent:>12} {per} "
+                  f"{nsecs:>10.2f} {n_mbs:>13.1f} {ncpu * 1e3 / (nbytes / (1 << 20)):>7.2f} "
+                  f"{r_mbs / n_mbs:>5.2f}x")
         alone = _median([b["app_iops_alone"] for b in beside])
         during = _median([b["app_iops_during"] for b in beside])
         print(f"beside app: fio 4K randwrite QD32 on the Primary, {alone:.0f} IOPS before the "
@@ -817,7 +843,8 @@ def run_resync_bench(args) -> int:
         n = args.repeat
         which = "the median" if n % 2 else f"the upper median (round {n // 2 + 1} of {n} by time)"
         print(f"(resync: {which} of {n} rounds; nbdcopy: the median; every round's figures "
-              f"are in the '#' lines; zeros: written zeroes, not holes)")
+              f"are in the '#' lines; zeros: written zeroes, not holes; ms/MiB: CPU of "
+              f"both nodes, or of nbdcopy and both nbdkit, per MiB resynced or copied)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

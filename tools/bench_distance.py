@@ -233,10 +233,14 @@ def run_qd1_rounds(args, tmp: str) -> None:
     B.prepare_disk(pdisk, size)
     rtt, rate, proto = float(args.qd1_rtt), args.qd1_rate, args.qd1_protocol
     wl = IO_WORKLOADS["4k-qd1"]
-    alone = B.make_targets(sdisk, ["blockrep"], tmp)[0]
+    poll = args.qd1_busy_poll  # both kept awake alike (else an idle vCPU's wake-up decides)
+    alone = B.make_targets(sdisk, ["blockrep-poll" if poll else "blockrep"], tmp)[0]
     pair = DistancePair(f"qd1-{proto}-{rtt:g}ms-{rate}", pdisk, tmp, protocol=proto,
                         compression=args.compression, rtt_ms=rtt, rate=rate,
                         sndbuf=args.sndbuf)
+    if poll:
+        pair._edit_configs(lambda t: t.replace(
+            "[resource]\n", f"[resource]\nbusy-poll = {B.BUSY_POLL_US}\n"))
     rows = []
     try:
         alone.start(tmp)
@@ -258,7 +262,8 @@ def run_qd1_rounds(args, tmp: str) -> None:
 
     print()
     print(f"4K randwrite QD1, protocol {proto} at RTT {rtt:g} ms / {rate} against standalone, "
-          f"{len(rows)} interleaved rounds of {args.runtime} s (medians; every round above)")
+          f"{len(rows)} interleaved rounds of {args.runtime} s (medians; every round above)"
+          + (f"; both with busy-poll = {B.BUSY_POLL_US} us" if poll else ""))
     print(f"{'target':<12} {'IOPS':>9} {'p50 us':>9} {'p99 us':>9}")
     for name in ("standalone", proto):
         print(f"{name:<12} {med(name, 'iops'):>9.0f} {med(name, 'p50_us'):>9.0f} "
@@ -417,6 +422,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--qd1-rtt", default="50", help="RTT (ms) of the qd1 rounds")
     g.add_argument("--qd1-rate", default="1G", help="bandwidth of the qd1 rounds")
     g.add_argument("--qd1-protocol", default="A")
+    g.add_argument("--qd1-busy-poll", action="store_true", help="both targets with busy "
+                   "polling (tools/bench's BUSY_POLL_US): the CPUs stay awake for both")
     g.add_argument("--rtts", default="0,10,50", help="round-trip times in ms")
     g.add_argument("--rates", default="1G,100M", help="link bandwidths (bits/s)")
     g.add_argument("--protocols", default="A,B,C")

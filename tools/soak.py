@@ -99,11 +99,11 @@ class Soak:
         ProcessLookupError, which is not a failure of the soak."""
         proc = self.fio_proc
         if proc is not None and proc.returncode is None:
-            self.fio_stopped = True
             try:
                 proc.terminate() if term else proc.kill()
             except ProcessLookupError:
-                pass
+                return  # it had ended by itself: its result stands as it is
+            self.fio_stopped = True
 
     def say(self, text: str) -> None:
         if self.args.verbose:
