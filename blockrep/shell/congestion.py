@@ -54,6 +54,9 @@ class Congestion:
         sndbuf-size, the kernel's socket buffer, which would otherwise hide a slow link)."""
         if not self.limit or link.transport is None:
             return
+        # what protocol A corks is not yet in the transport's buffer: a quarter of the
+        # limit at most, so the bound (and Ahead/block) still holds within that
+        link.cork_bytes = min(link.cork_bytes, max(self.limit // 4, 1))
         link.transport.set_write_buffer_limits(high=self.limit, low=self.limit // 4)
         sock = link.transport.get_extra_info("socket")
         if self.node.cfg.sndbuf_size and sock is not None:

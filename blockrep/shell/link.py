@@ -101,6 +101,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._spare: list = []
         self._flush_scheduled = False
         self._corked = 0  # bytes queued by send_corked since the last flush
+        self.cork_bytes = CORK_BYTES  # lower with a small sndbuf-size (shell/congestion.py)
         self._cork_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self.bytes_sent = 0
@@ -123,14 +124,15 @@ class PeerLink(asyncio.BufferedProtocol):
     def send_corked(self, nbytes: int, *parts) -> None:
         """Queue parts no one waits on (protocol A's data: its client was answered once
         it was queued): they go out with the next batch that `send` schedules, after at
-        most CORK_S, or as soon as CORK_BYTES are queued."""
+        most CORK_S, or as soon as `cork_bytes` (CORK_BYTES, less under a small
+        sndbuf-size) are queued."""
         if self.closed:
             return
         self._out.extend(parts)
         self._corked += nbytes
         if self._flush_scheduled:
             return
-        if self._corked >= CORK_BYTES:
+        if self._corked >= self.cork_bytes:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
         elif self._cork_timer is None:

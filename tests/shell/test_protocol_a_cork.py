@@ -95,3 +95,26 @@ def test_corked_writes_are_marked_when_the_link_goes(tmp_path, monkeypatch):
         finally:
             await p.close()
     run(main())
+
+
+def test_a_small_send_buffer_bounds_the_cork(tmp_path, monkeypatch):
+    """With sndbuf-size set, what is corked (not yet in the transport's buffer, so not seen
+    by the send-buffer bound) is at most a quarter of it."""
+    monkeypatch.setattr(link_mod, "CORK_S", 3600.0)
+
+    async def main():
+        p = await _pair_a(tmp_path)
+        try:
+            limit = 64 * 1024
+            tr = p.link.ta
+            tr.set_write_buffer_limits = lambda high=None, low=None: None
+            p.alpha.congestion.limit = limit
+            p.alpha.congestion.configure(p.alpha.link)
+            assert p.alpha.link.cork_bytes == limit // 4
+            n = limit // 4 // SMALL
+            for i in range(n):
+                p.submit(p.alpha, WRITE, i * SMALL, data=pattern(i + 1, SMALL))
+            await wait_until(lambda: p.beta.applier.writes_applied >= n, "applied on beta")
+        finally:
+            await p.close()
+    run(main())
