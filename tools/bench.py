@@ -687,13 +687,21 @@ def _resync_beside_app(pair: ReplicatedTarget, uri: str, args) -> dict:
             "bytes": sync["total_bytes"], "secs": sync["elapsed_s"]}
 
 
-def _zero_pair(tmp: str, size: int) -> ReplicatedTarget:
+def _pair_config(pair: ReplicatedTarget, extra: list[str]) -> None:
+    """--pair-config lines (e.g. `resync-window = 128`) into both nodes' [resource]."""
+    if extra:
+        lines = "".join(f"{line}\n" for line in extra)
+        pair._edit_configs(lambda t: t.replace("[resource]\n", f"[resource]\n{lines}"))
+
+
+def _zero_pair(tmp: str, size: int, extra: list[str]) -> ReplicatedTarget:
     """A pair whose Primary holds `size` bytes of written (allocated) zeroes."""
     disk = os.path.join(tmp, "zeros.img")
     with open(disk, "wb") as f:
         for _ in range(size >> 20):
             f.write(bytes(1 << 20))
     pair = ReplicatedTarget("zeros", disk, tmp)
+    _pair_config(pair, extra)
     with open(pair.secondary, "wb") as f:
         f.truncate(size)
     for n in ("alpha", "beta"):
@@ -722,6 +730,7 @@ def run_resync_bench(args) -> int:
         alpha = os.path.join(tmp, "alpha.img")
         shutil.copyfile(src, alpha)
         pair = ReplicatedTarget("resync", alpha, tmp)
+        _pair_config(pair, args.pair_config)
         with open(pair.secondary, "wb") as f:
             f.truncate(size)
         for n in ("alpha", "beta"):
@@ -798,7 +807,7 @@ def run_resync_bench(args) -> int:
         finally:
             pair.stop()
         # runs of zeroes: a full sync of a Primary holding written zeroes
-        zpair = _zero_pair(tmp, size)
+        zpair = _zero_pair(tmp, size, args.pair_config)
         try:
             zpair.start_nodes(tmp)
             for rnd in range(args.repeat):
@@ -871,6 +880,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="backing file size")
     ap.add_argument("--dir", help="where the backing files go (default: a temp dir)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--pair-config", action="append", default=[], metavar="LINE",
+                    help="--mode resync: a line for both nodes' [resource], e.g. "
+                         "'resync-window = 128' (repeatable)")
     ap.add_argument("--baseline", help="another blockrep checkout (with its .venv): targets "
                                        "NAME@base run from it, e.g. blockrep-repl@base")
     bench_distance.add_arguments(ap)
