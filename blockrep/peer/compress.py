@@ -13,7 +13,8 @@ by at least 1/16 (MARGIN) — with the algorithm's flag bit in the header (F_LZ4
 the CRC32C of the *plain* data: checked after decompression, it covers the codec as well as
 the wire (a damaged compressed payload fails decompression or the CRC, and the link drops
 like for any damaged payload). An all-zero read reply goes as a zero marker instead
-(F_ZERO, no payload: `is_zero`), as all-zero resync data does, whatever the compression.
+(F_ZERO, no payload: `is_zero`, sent by the link's `send_coded`), as all-zero resync data does,
+whatever the compression.
 
 Cost on the loop: compression runs inline where the packet is queued (the stream order is
 the order of the queueing; see docs/operations.md "Distance" for the measured cost per MiB).

@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..peer import compress, proto
+from ..peer import proto
 from ..peer.proto import P
 from ..state import DiskState, ReplState, Role
 from .ratelog import RateLimitedLog
@@ -33,7 +33,6 @@ READ_INLINE = 256 * 1024  # peer reads this large run in the I/O threads (as wri
 MAX_READ = proto.MAX_PAYLOAD - 4096  # the largest NBD request (64 MiB)
 _P_READ_REQUEST, _P_READ_REPLY = int(P.READ_REQUEST), int(P.READ_REPLY)
 _F_ERR, _F_ZERO = proto.F_ERR, proto.F_ZERO
-_is_zero = compress.is_zero
 _HDR = proto.frame
 _crc = proto.native.crc32c
 _EIO = errno.EIO
@@ -224,10 +223,8 @@ class Diskless:
         self.served_reads_bytes += n
         if not link.coded_reads:  # a Primary of an older build: the data as it is
             link.send(_HDR(_P_READ_REPLY, 0, pid, offset, n, n, _crc(data)), data)
-        elif _is_zero(data):
-            link.send(_HDR(_P_READ_REPLY, _F_ZERO, pid, offset, n, 0, 0))
-        else:  # compressed when negotiated and it pays
-            link.send_data(_P_READ_REPLY, 0, pid, offset, data)
+        else:  # all zeroes as a marker, else compressed when negotiated and it pays
+            link.send_coded(_P_READ_REPLY, pid, offset, data)
 
     def _reply_error(self, link, pid, offset, err) -> None:
         link.send(_HDR(_P_READ_REPLY, _F_ERR, pid, offset, err, 0, 0))

@@ -18,6 +18,7 @@ import socket
 import ssl
 
 from ..peer import compress, proto
+from ..peer.compress import is_zero
 from ..peer.handshake import NONCE_LEN, Established, LinkHandshake, Refused, Send, StartTls
 from ..peer.proto import HEADER_SIZE, P, LinkProtocolError
 from . import tls
@@ -160,21 +161,26 @@ class PeerLink(asyncio.BufferedProtocol):
         """A P_DATA / P_RS_DATA / P_READ_REPLY packet, compressed when negotiated and it
         pays (a P_READ_REPLY only to a peer with `coded_reads`; corked: see send_corked)."""
         n = len(data)
-        crc = _crc(data)
+        crc = _crc(data)  # of the plain data, compressed or not
         comp = self.compressor
-        if comp is not None:
-            got = comp.compress(data)
-            if got is not None:
-                hdr = _HDR(ptype, flags | got[0], pid, offset, n, len(got[1]), crc)
-                if corked:
-                    self.send_corked(len(got[1]), hdr, got[1])
-                else:
-                    self.send(hdr, got[1])
-                return
+        got = comp.compress(data) if comp is not None else None
+        if got is not None:
+            flags |= got[0]
+            data = got[1]
+        hdr = _HDR(ptype, flags, pid, offset, n, len(data), crc)
         if corked:
-            self.send_corked(n, _HDR(ptype, flags, pid, offset, n, n, crc), data)
+            self.send_corked(len(data), hdr, data)
         else:
-            self.send(_HDR(ptype, flags, pid, offset, n, n, crc), data)
+            self.send(hdr, data)
+
+    def send_coded(self, ptype: int, pid: int, offset: int, data) -> bool:
+        """Resync data or a read reply: all zeroes as a marker (F_ZERO, no payload), else
+        as `send_data`. True if it went as a zero marker."""
+        if is_zero(data):
+            self.send(_HDR(ptype, proto.F_ZERO, pid, offset, len(data), 0, 0))
+            return True
+        self.send_data(ptype, 0, pid, offset, data)
+        return False
 
     def send_control(self, ptype: int, body: dict) -> None:
         self.send(proto.encode_control(ptype, body))

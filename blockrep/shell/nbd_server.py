@@ -177,7 +177,6 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         else:
             self._write = self._submit_write
             self._write_timed = self._submit_write_timed
-        self._done = self._completed_cb
         self._complete_scheduled = False
         self._stats = server.stats
         self._tick = SAMPLE_EVERY  # write-type requests until the next timed one
@@ -414,27 +413,23 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
                         KIND_NAMES[kind], offset, length, os.strerror(err))
         return nbd_errno(err)
 
-    def _submit_write(self, flags, cookie, offset, length, data, key=None):
+    def _submit_write(self, flags, cookie, offset, length, data, timed=None):
         """A WRITE to a target that answers later (the Replicator): its payload is held
-        until then, within the connection's and the node's bounds (`key`: a timed one)."""
+        until then, within the connection's and the node's bounds (`timed`: the key of a
+        timed one)."""
         self._inflight += 1
         self._wbytes += length
-        srv = self.server
-        srv.inflight_bytes += length
-        # the neutral form (shell/target.py): no NBD flag bits beyond this point
-        if key is None:
-            err = self._submit(WRITE, offset, length, data, flags & _FUA, True, 0,
-                               self._done, (cookie, length))
+        self.server.inflight_bytes += length
+        if timed is None:
+            cb, key = self._completed_cb, (cookie, length)
         else:
-            err = self._submit(WRITE, offset, length, data, flags & _FUA, True, 0,
-                               self._completed_timed, key)
+            cb, key = self._completed_timed, timed
+        # the neutral form (shell/target.py): no NBD flag bits beyond this point
+        err = self._submit(WRITE, offset, length, data, flags & _FUA, True, 0, cb, key)
         if err is not None:
-            self._answered(WRITE, cookie, offset, length, length, err, key)
-        elif self._wbytes >= self._max_bytes or self._inflight >= self._max_reqs:
-            self._hold()
-        elif srv.inflight_bytes >= self._node_max:
-            srv.throttled.add(self)
-            self._hold()
+            self._answered(WRITE, cookie, offset, length, length, err, timed)
+        else:
+            self._bound()
 
     def _submit_write_timed(self, flags, cookie, offset, length, data):
         self._submit_write(flags, cookie, offset, length, data, (cookie, length, WRITE, _now()))
@@ -445,7 +440,7 @@ class NbdConnection(NbdReads, NbdSession, asyncio.BufferedProtocol):
         self._inflight += 1
         t = self._tick = self._tick - 1
         if t:
-            cb, key = self._done, (cookie, 0)
+            cb, key = self._completed_cb, (cookie, 0)
         else:  # every SAMPLE_EVERY-th request is timed
             self._tick = SAMPLE_EVERY
             cb, key = self._completed_timed, (cookie, 0, kind, _now())

@@ -121,9 +121,7 @@ class Replicator:
         if kind == FLUSH:
             self._flush(req)
             return None
-        if self.waiting or ((self.local_busy or self.applier_busy or
-                             self.node.resync_source is not None)
-                            and not self.remote and self._conflicts(offset, length)):
+        if self.waiting or not self.remote and self._conflicts(offset, length):
             # an overlapping write is still being written locally in a thread, or a resync
             # request for this range is in flight: wait, so both disks see one order and
             # resync data never overtakes a newer application write on the target
@@ -291,12 +289,9 @@ class Replicator:
         kind = req.kind
         if kind == WRITE:
             n = len(data)
-            if link.compressor is not None:
+            if early or link.compressor is not None:
                 link.send_data(_P_DATA, pflags, pid, req.offset, data, early)
-            elif early:
-                link.send_corked(n, _HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)),
-                                 data)
-            else:
+            else:  # protocol C's plain packet, framed here (the common case)
                 link.send(_HDR(_P_DATA, pflags, pid, req.offset, n, n, _crc(data)), data)
             self.bytes_replicated += n
         else:

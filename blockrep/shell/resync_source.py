@@ -16,7 +16,6 @@ from collections import deque
 from .. import digest
 from .. import state as st
 from ..peer import proto
-from ..peer.compress import is_zero
 from ..peer.proto import P
 from ..peer.requests import RangeSet
 from ..state import DiskState, ReplState
@@ -262,10 +261,7 @@ class ResyncSource:
             sums = digest.block_digests(self.node.link_params.csums_alg, data)
             self.link.send(_HDR(P.RS_CSUM, 0, pid, off, ln, len(sums), _crc(sums)), sums)
             self.progress.sent_bytes += len(sums)
-        elif is_zero(data):  # one memcmp per MiB (a memoryview == compares bytewise)
-            self.link.send(_HDR(P.RS_DATA, proto.F_ZERO, pid, off, ln, 0, 0))
-        else:
-            self.link.send_data(P.RS_DATA, 0, pid, off, data)
+        elif not self.link.send_coded(P.RS_DATA, pid, off, data):  # zeroes: a marker
             self.progress.sent_bytes += ln
 
     # -- answers from the target -------------------------------------------------------------
