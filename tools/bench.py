@@ -157,8 +157,7 @@ class ReplicatedTarget(Target):
         if tls:
             self._add_tls(tag)
         if busy_poll:
-            self._edit_configs(lambda text: text.replace(
-                "[resource]\n", f"[resource]\nbusy-poll = {busy_poll}\n"))
+            self.add_resource(f"busy-poll = {busy_poll}")
         if nbd_tls:
             self.nbd_tls = True
             cert, key = nbd_tls_certs(tmp, tag)
@@ -170,6 +169,11 @@ class ReplicatedTarget(Target):
                                                          f'"{cert}"\nnbd-tls-key = "{key}"\n')
                 return text
             self._edit_configs(edit)
+
+    def add_resource(self, *lines: str) -> None:
+        """Lines for both nodes' [resource] (e.g. 'resync-window = 128')."""
+        extra = "".join(f"{line}\n" for line in lines)
+        self._edit_configs(lambda text: text.replace("[resource]\n", f"[resource]\n{extra}"))
 
     def _edit_configs(self, edit) -> None:
         for path in set(self.pair.configs.values()):
@@ -687,13 +691,6 @@ def _resync_beside_app(pair: ReplicatedTarget, uri: str, args) -> dict:
             "bytes": sync["total_bytes"], "secs": sync["elapsed_s"]}
 
 
-def _pair_config(pair: ReplicatedTarget, extra: list[str]) -> None:
-    """--pair-config lines (e.g. `resync-window = 128`) into both nodes' [resource]."""
-    if extra:
-        lines = "".join(f"{line}\n" for line in extra)
-        pair._edit_configs(lambda t: t.replace("[resource]\n", f"[resource]\n{lines}"))
-
-
 def _zero_pair(tmp: str, size: int, extra: list[str]) -> ReplicatedTarget:
     """A pair whose Primary holds `size` bytes of written (allocated) zeroes."""
     disk = os.path.join(tmp, "zeros.img")
@@ -701,7 +698,7 @@ def _zero_pair(tmp: str, size: int, extra: list[str]) -> ReplicatedTarget:
         for _ in range(size >> 20):
             f.write(bytes(1 << 20))
     pair = ReplicatedTarget("zeros", disk, tmp)
-    _pair_config(pair, extra)
+    pair.add_resource(*extra)
     with open(pair.secondary, "wb") as f:
         f.truncate(size)
     for n in ("alpha", "beta"):
@@ -730,7 +727,7 @@ def run_resync_bench(args) -> int:
         alpha = os.path.join(tmp, "alpha.img")
         shutil.copyfile(src, alpha)
         pair = ReplicatedTarget("resync", alpha, tmp)
-        _pair_config(pair, args.pair_config)
+        pair.add_resource(*args.pair_config)
         with open(pair.secondary, "wb") as f:
             f.truncate(size)
         for n in ("alpha", "beta"):

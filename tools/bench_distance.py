@@ -71,17 +71,18 @@ class DistancePair(B.ReplicatedTarget):
     """A replicated pair whose link (alpha dials beta) runs through a shaped proxy."""
 
     def __init__(self, name: str, disk: str, tmp: str, *, protocol: str, compression: str,
-                 rtt_ms: float, rate: str, sndbuf: str = "0", csums: bool = False):
-        super().__init__(name, disk, tmp)
+                 rtt_ms: float, rate: str, sndbuf: str = "0", csums: bool = False,
+                 busy_poll: float = 0):
+        super().__init__(name, disk, tmp, busy_poll=busy_poll)
         beta_link = self.pair.ports["beta"][0]
         self.proxy = ProxyThread(("127.0.0.1", beta_link))
         self.proxy.shape(delay_ms=rtt_ms / 2, rate=rate)
-        extra = f'protocol = "{protocol}"\ncompression = "{compression}"\n'
+        extra = [f'protocol = "{protocol}"', f'compression = "{compression}"']
         if csums:  # checksum-mode resync for every resync, not only after a crash
-            extra += "csums-after-crash-only = false\n"
+            extra.append("csums-after-crash-only = false")
         if sndbuf not in ("", "0"):
-            extra += f'sndbuf-size = "{sndbuf}"\n'  # on-congestion = block: A waits when full
-        self._edit_configs(lambda t: t.replace("[resource]\n", f"[resource]\n{extra}"))
+            extra.append(f'sndbuf-size = "{sndbuf}"')  # on-congestion = block: A waits when full
+        self.add_resource(*extra)
         path = self.pair.configs["alpha"]
         with open(path) as f:
             text = f.read()
@@ -237,10 +238,7 @@ def run_qd1_rounds(args, tmp: str) -> None:
     alone = B.make_targets(sdisk, ["blockrep-poll" if poll else "blockrep"], tmp)[0]
     pair = DistancePair(f"qd1-{proto}-{rtt:g}ms-{rate}", pdisk, tmp, protocol=proto,
                         compression=args.compression, rtt_ms=rtt, rate=rate,
-                        sndbuf=args.sndbuf)
-    if poll:
-        pair._edit_configs(lambda t: t.replace(
-            "[resource]\n", f"[resource]\nbusy-poll = {B.BUSY_POLL_US}\n"))
+                        sndbuf=args.sndbuf, busy_poll=B.BUSY_POLL_US if poll else 0)
     rows = []
     try:
         alone.start(tmp)
